@@ -1,0 +1,191 @@
+"""Configuration: pydantic models for every YAML section, loading and `--set` overrides.
+
+A config file is YAML with the sections below; every section is optional and defaults
+are the synthetic-world CPU preset. Unknown keys and wrong types raise `ConfigError`
+naming the file and the key path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from coperception.errors import ConfigError, DataFormatError
+from coperception.io import format_validation_error, read_yaml
+
+OPV2V_RANGE = [-140.8, -40.0, -3.0, 140.8, 40.0, 1.0]
+OPV2V_EVAL_RANGE = [-140.0, -40.0, -3.0, 140.0, 40.0, 1.0]
+DAIR_RANGE = [-102.4, -51.2, -3.5, 102.4, 51.2, 1.5]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_range(value: list[float]) -> list[float]:
+    if len(value) != 6 or any(value[i] >= value[i + 3] for i in range(3)):
+        raise ValueError("expected [xmin, ymin, zmin, xmax, ymax, zmax] with min < max")
+    return value
+
+
+class DatasetConfig(Strict):
+    """Which data, where, and how a cooperative sample is assembled (DESIGN §3)."""
+
+    format: Literal["opv2v", "dair-v2x"] = "opv2v"
+    root: str = "data/sim_opv2v"
+    train_split: str = "train"
+    eval_split: str = "test"
+    comm_range: float = Field(70.0, gt=0)
+    max_agents: int = Field(5, ge=1)
+    point_cloud_range: list[float] = Field(default_factory=lambda: list(OPV2V_RANGE))
+    eval_range: list[float] = Field(default_factory=lambda: list(OPV2V_EVAL_RANGE))
+    load_cameras: bool = False
+
+    _range = field_validator("point_cloud_range", "eval_range")(_check_range)
+
+
+class LidarConfig(Strict):
+    beams: int = Field(32, ge=1)
+    azimuth_steps: int = Field(768, ge=8)
+    vertical_fov: tuple[float, float] = (-25.0, 5.0)
+    max_range: float = Field(100.0, gt=0)
+    range_noise: float = Field(0.02, ge=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    intensity_noise: float = Field(0.03, ge=0)
+    mount_height: float = Field(1.9, gt=0)
+    rsu_mount_height: float = Field(6.0, gt=0)
+
+    @field_validator("vertical_fov")
+    @classmethod
+    def _fov(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not -90 <= v[0] < v[1] <= 90:
+            raise ValueError("expected (lower, upper) degrees with -90 <= lower < upper <= 90")
+        return v
+
+
+class CameraConfig(Strict):
+    width: int = Field(128, ge=8)
+    height: int = Field(96, ge=8)
+    fov_deg: float = Field(100.0, gt=10, lt=170)
+
+
+class SimulatorConfig(Strict):
+    """The synthetic cooperative world (DESIGN §4)."""
+
+    seed: int = 0
+    scenarios: dict[str, int] = Field(default_factory=lambda: {"train": 6, "validate": 1, "test": 2})
+    frames: int = Field(40, ge=1)
+    min_agents: int = Field(2, ge=1)
+    max_agents: int = Field(5, ge=1)
+    rsu_probability: float = Field(0.5, ge=0, le=1)
+    moving_vehicles: tuple[int, int] = (14, 24)
+    parked_vehicles: tuple[int, int] = (10, 18)
+    buildings_per_block: tuple[int, int] = (2, 4)
+    trees: tuple[int, int] = (16, 30)
+    label_radius: float = Field(50.0, gt=0)  # each CAV logs the vehicles within this distance
+    lidar: LidarConfig = Field(default_factory=LidarConfig)
+    camera: CameraConfig = Field(default_factory=CameraConfig)
+    dair_async_ms: tuple[float, float] = (0.0, 80.0)
+    dair_offset_probability: float = Field(0.6, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _agents(self) -> "SimulatorConfig":
+        if self.min_agents > self.max_agents:
+            raise ValueError("min_agents must not exceed max_agents")
+        return self
+
+
+class ModelConfig(Strict):
+    """Detector geometry: how points become pillars and a BEV grid."""
+
+    name: Literal["pointpillars"] = "pointpillars"
+    voxel_size: tuple[float, float, float] = (0.4, 0.4, 4.0)
+    max_points_per_voxel: int = Field(32, ge=1)
+    max_voxels: int = Field(32000, ge=1)
+
+
+class CommConfig(Strict):
+    """What is sent between agents."""
+
+    message: Literal["none", "points", "features", "boxes"] = "features"
+    max_agents: int = Field(5, ge=1)
+
+
+class FusionConfig(Strict):
+    method: Literal["none", "early", "late", "max"] = "max"
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    num_workers: int = Field(2, ge=0)
+    seed: int = 0
+    out_dir: str = "outputs/train"
+
+
+class EvalConfig(Strict):
+    iou_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+    score_threshold: float = Field(0.2, ge=0, le=1)
+    nms_threshold: float = Field(0.15, ge=0, le=1)
+
+
+class ExperimentConfig(Strict):
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    comm: CommConfig = Field(default_factory=CommConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. train.lr=0.001")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a YAML experiment config (or defaults when `path` is None) and apply overrides."""
+    source = str(path) if path is not None else "<defaults>"
+    data: Any = {}
+    if path is not None:
+        try:
+            data = read_yaml(path)
+        except DataFormatError as exc:
+            raise ConfigError(str(exc)) from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {format_validation_error(exc)}") from None
