@@ -12,7 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from coperception.config import SimulatorConfig
-from coperception.datasets.sim.world import generate_scene
+from coperception.datasets.sim.world import Scene, generate_scene
 from coperception.datasets.sim.writers import DairCounters, write_dair_scenario, write_opv2v_scenario
 from coperception.errors import CoperceptionError
 from coperception.io import write_json
@@ -43,12 +43,19 @@ def _agent_count(rng: np.random.Generator, cfg: SimulatorConfig) -> tuple[bool, 
     return with_rsu, max(n, 2 if with_rsu else 1)
 
 
+def build_scenario(seed_seq: np.random.SeedSequence, cfg: SimulatorConfig, index: int, fmt: str) -> tuple[Scene, np.random.Generator]:
+    """The scene of scenario `index` and the generator that goes on to drive its sensors."""
+    rng = np.random.default_rng(seed_seq)
+    if fmt == "dair-v2x":  # DAIR-V2X-C: one vehicle and one roadside unit
+        return generate_scene(rng, cfg, True, 2, next_id=100 + 1000 * index), rng
+    with_rsu, n = _agent_count(rng, cfg)
+    return generate_scene(rng, cfg, with_rsu, n, next_id=100 + 1000 * index), rng
+
+
 def _opv2v_job(args: tuple) -> str:
     out, split, index, seed_seq, cfg_json, frames, seed = args
     cfg = SimulatorConfig.model_validate_json(cfg_json)
-    rng = np.random.default_rng(seed_seq)
-    with_rsu, n = _agent_count(rng, cfg)
-    scene = generate_scene(rng, cfg, with_rsu, n, next_id=100 + 1000 * index)
+    scene, rng = build_scenario(seed_seq, cfg, index, "opv2v")
     name = f"scenario_{index:04d}"
     write_opv2v_scenario(scene, Path(out) / split / name, cfg, frames, rng, seed)
     return name
@@ -87,11 +94,9 @@ def simulate(fmt: Literal["opv2v", "dair-v2x"], out: str | Path, cfg: SimulatorC
         vinfo: list[dict] = []
         iinfo: list[dict] = []
         split_ids: dict[str, list[str]] = {s: [] for s in SPLITS}
-        dair_cfg = cfg.model_copy(update={"rsu_probability": 1.0})
         for (split, _), index, child in zip(jobs, range(len(jobs)), children):
-            rng = np.random.default_rng(child)
-            scene = generate_scene(rng, dair_cfg, True, 2, next_id=100 + 1000 * index)
-            c, v, i = write_dair_scenario(scene, tmp, dair_cfg, frames, rng, counters)
+            scene, rng = build_scenario(child, cfg, index, "dair-v2x")
+            c, v, i = write_dair_scenario(scene, tmp, cfg, frames, rng, counters)
             coop += c
             vinfo += v
             iinfo += i

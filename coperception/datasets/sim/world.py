@@ -210,10 +210,19 @@ def generate_scene(rng: np.random.Generator, cfg: SimulatorConfig, with_rsu: boo
     n_vehicle_agents = n_agents - (1 if with_rsu else 0)
 
     def pool(on_x_road: bool) -> list[int]:
-        return [i for i, v in enumerate(vehicles)
-                if v.kind == "car" and np.hypot(*v.start) < 60 and np.hypot(*v.start) > 6
-                and (abs(v.start[1]) < ROAD_HALF_WIDTH if on_x_road else abs(v.start[0]) < ROAD_HALF_WIDTH)
-                and abs(v.start[0] if on_x_road else v.start[1]) > 4]
+        """Cars that stay near the junction for the whole scenario: on the x road approaching it
+        from 8-45 m (they cross it while recording), on the y road waiting in the queue."""
+        out = []
+        for i, v in enumerate(vehicles):
+            if v.kind != "car":
+                continue
+            if on_x_road and abs(v.start[1]) < ROAD_HALF_WIDTH:
+                approaching = -v.start[0] * np.cos(v.yaw)  # distance still to drive to the junction
+                if 8 < approaching < 45:
+                    out.append(i)
+            elif not on_x_road and abs(v.start[0]) < ROAD_HALF_WIDTH and v.speed == 0 and abs(v.start[1]) < 40:
+                out.append(i)
+        return out
 
     x_pool, y_pool = pool(True), pool(False)
     chosen: list[int] = []

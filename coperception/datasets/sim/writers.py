@@ -7,7 +7,7 @@ everything written there is mirrored in y (`FLIP_Y`), exactly as the released da
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,25 @@ def _matrix_rows(M: np.ndarray) -> list[list[float]]:
 
 
 @dataclass
+class Truth:
+    """What the simulator knows and the files must reproduce; filled by the writers for tests.
+
+    `T_world_lidar[(agent_key, frame)]`: the LiDAR (DAIR: virtual LiDAR) pose, right-handed world;
+    `hits[(agent_key, frame)]`: vehicle id -> number of that agent's returns from it;
+    `capture_time[(agent_key, frame)]`: scene time of the capture (s)."""
+
+    T_world_lidar: dict = field(default_factory=dict)
+    hits: dict = field(default_factory=dict)
+    capture_time: dict = field(default_factory=dict)
+
+    def record(self, key: tuple[str, str], T: np.ndarray, hit_ids: np.ndarray, t: float) -> None:
+        self.T_world_lidar[key] = T.copy()
+        ids, counts = np.unique(hit_ids[hit_ids >= 0], return_counts=True)
+        self.hits[key] = dict(zip(ids.tolist(), counts.tolist()))
+        self.capture_time[key] = t
+
+
+@dataclass
 class SensorRig:
     """World transforms of an agent's sensors at one instant (right-handed)."""
 
@@ -88,15 +107,14 @@ def _carla_yaw_deg(yaw_rh: float, rng: np.random.Generator) -> float:
     return deg
 
 
-def _scan(scene: W.Scene, agent: W.Agent, t: float, rig: SensorRig, cfg: SimulatorConfig, rng: np.random.Generator) -> np.ndarray:
+def _scan(scene: W.Scene, t: float, rig: SensorRig, cfg: SimulatorConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     x, y, z = rig.T_world_lidar[:3, 3]
     yaw = float(np.arctan2(rig.T_world_lidar[1, 0], rig.T_world_lidar[0, 0]))
-    pts, _ = scan_lidar(scene, t, np.array([x, y, z, yaw]), cfg.lidar, rng)
-    return pts
+    return scan_lidar(scene, t, np.array([x, y, z, yaw]), cfg.lidar, rng)
 
 
 def write_opv2v_scenario(scene: W.Scene, scenario_dir: Path, cfg: SimulatorConfig, frames: int, rng: np.random.Generator,
-                         seed: int) -> None:
+                         seed: int, truth: Truth | None = None) -> None:
     """One scenario in the OPV2V layout: a folder per CAV with PCD, YAML and 4 PNGs per frame."""
     write_yaml(scenario_dir / "data_protocol.yaml", {
         "generator": "coperception synthetic world",
@@ -114,7 +132,9 @@ def write_opv2v_scenario(scene: W.Scene, scenario_dir: Path, cfg: SimulatorConfi
         for agent in scene.agents:
             folder = scenario_dir / str(agent.aid)
             rig = _rig(scene, agent, t, cfg, OPV2V_CAMERA_MOUNTS)
-            pts = _scan(scene, agent, t, rig, cfg, rng)
+            pts, hit_ids = _scan(scene, t, rig, cfg, rng)
+            if truth is not None:
+                truth.record((str(agent.aid), frame_name), rig.T_world_lidar, hit_ids, t)
             cloud = np.zeros(len(pts), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("rgb", "<f4")])
             cloud["x"], cloud["y"], cloud["z"] = pts[:, 0], -pts[:, 1], pts[:, 2]  # CARLA axes
             cloud["rgb"] = pack_opv2v_intensity(pts[:, 3])
@@ -184,7 +204,7 @@ def _dair_label(box: np.ndarray, kind: str, as_strings: bool) -> dict:
 
 
 def write_dair_scenario(scene: W.Scene, root: Path, cfg: SimulatorConfig, frames: int, rng: np.random.Generator,
-                        counters: DairCounters) -> tuple[list[dict], list[dict], list[dict]]:
+                        counters: DairCounters, truth: Truth | None = None) -> tuple[list[dict], list[dict], list[dict]]:
     """One scenario (a 'batch') in the DAIR-V2X-C layout. Returns the cooperative, vehicle-side and
     infrastructure-side data_info records it adds."""
     ego = next(a for a in scene.agents if a.kind == "vehicle")
@@ -206,7 +226,9 @@ def write_dair_scenario(scene: W.Scene, root: Path, cfg: SimulatorConfig, frames
         counters.infra_frame += 1
         # vehicle side
         vrig = _rig(scene, ego, tv, cfg, vmount)
-        vpts = _scan(scene, ego, tv, vrig, cfg, rng)
+        vpts, vhits = _scan(scene, tv, vrig, cfg, rng)
+        if truth is not None:
+            truth.record(("vehicle", vid), vrig.T_world_lidar, vhits, tv)
         vcloud = np.zeros(len(vpts), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "u1"), ("timestamp", "<f8")])
         vcloud["x"], vcloud["y"], vcloud["z"] = vpts[:, 0], vpts[:, 1], vpts[:, 2]
         vcloud["intensity"] = np.clip(np.round(vpts[:, 3] * 255), 0, 255).astype(np.uint8)
@@ -233,13 +255,15 @@ def write_dair_scenario(scene: W.Scene, root: Path, cfg: SimulatorConfig, frames
         write_json(root / f"vehicle-side/label/lidar/{vid}.json", vlabels)
         # infrastructure side, captured `lag` seconds earlier
         irig = _rig(scene, rsu, ti, cfg, ((0.0, 0.0, 0.0, 0.0),))
-        ipts = _scan(scene, rsu, ti, irig, cfg, rng)
+        ipts, ihits = _scan(scene, ti, irig, cfg, rng)
         # DAIR's 'virtual LiDAR' is a ground-parallel frame about 1.7 m above the road (the
         # released infrastructure labels sit near z = -0.9); express the scan there
         lift = irig.T_world_lidar[2, 3] - DAIR_VIRTUAL_LIDAR_HEIGHT
         ipts[:, 2] += lift
         irig.T_world_lidar = irig.T_world_lidar.copy()
         irig.T_world_lidar[2, 3] = DAIR_VIRTUAL_LIDAR_HEIGHT
+        if truth is not None:
+            truth.record(("infrastructure", iid), irig.T_world_lidar, ihits, ti)
         icloud = np.zeros(len(ipts), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("intensity", "<f4")])
         icloud["x"], icloud["y"], icloud["z"], icloud["intensity"] = ipts.T
         write_pcd(root / f"infrastructure-side/velodyne/{iid}.pcd", icloud, data="binary_compressed")

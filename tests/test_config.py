@@ -1,0 +1,45 @@
+import pytest
+
+from coperception.config import load_config
+from coperception.errors import ConfigError
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.01\nsimulator:\n  lidar:\n    beams: 16\n")
+    cfg = load_config(path, ["train.epochs=3", "simulator.lidar.vertical_fov=[-20, 2]", "dataset.format=dair-v2x"])
+    assert cfg.train.lr == 0.01 and cfg.train.epochs == 3
+    assert cfg.simulator.lidar.beams == 16 and cfg.simulator.lidar.vertical_fov == (-20, 2)
+    assert cfg.dataset.format == "dair-v2x"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  learning_rate: 0.01\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*train\.learning_rate.*Extra inputs"):
+        load_config(path)
+
+
+def test_wrong_type_names_key_and_file(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("simulator:\n  lidar:\n    beams: many\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*simulator\.lidar\.beams"):
+        load_config(path)
+
+
+def test_bad_override_and_bad_range(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match=r"dataset\.point_cloud_range"):
+        load_config(None, ["dataset.point_cloud_range=[1, 0, 0, 0, 1, 1]"])
+    with pytest.raises(ConfigError, match="missing.yaml.*does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    assert files, "configs/ holds the shipped presets"
+    for path in files:
+        load_config(path)
