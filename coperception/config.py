@@ -37,6 +37,7 @@ class DatasetConfig(Strict):
     format: Literal["opv2v", "dair-v2x"] = "opv2v"
     root: str = "data/sim_opv2v"
     train_split: str = "train"
+    val_split: str = "validate"
     eval_split: str = "test"
     comm_range: float = Field(70.0, gt=0)
     max_agents: int = Field(5, ge=1)
@@ -78,14 +79,14 @@ class SimulatorConfig(Strict):
     seed: int = 0
     scenarios: dict[str, int] = Field(default_factory=lambda: {"train": 6, "validate": 1, "test": 2})
     frames: int = Field(40, ge=1)
-    min_agents: int = Field(2, ge=1)
-    max_agents: int = Field(5, ge=1)
+    min_agents: int = Field(3, ge=1)
+    max_agents: int = Field(4, ge=1)
     rsu_probability: float = Field(0.5, ge=0, le=1)
-    moving_vehicles: tuple[int, int] = (14, 24)
+    moving_vehicles: tuple[int, int] = (18, 28)
     parked_vehicles: tuple[int, int] = (10, 18)
     buildings_per_block: tuple[int, int] = (2, 4)
     trees: tuple[int, int] = (16, 30)
-    label_radius: float = Field(50.0, gt=0)  # each CAV logs the vehicles within this distance
+    label_radius: float = Field(60.0, gt=0)  # each CAV logs the vehicles within this distance
     lidar: LidarConfig = Field(default_factory=LidarConfig)
     camera: CameraConfig = Field(default_factory=CameraConfig)
     dair_async_ms: tuple[float, float] = (0.0, 80.0)
@@ -99,32 +100,57 @@ class SimulatorConfig(Strict):
 
 
 class ModelConfig(Strict):
-    """Detector geometry: how points become pillars and a BEV grid."""
+    """PointPillars detector. Defaults are the small CPU preset for the synthetic world; the
+    published OPV2V preset is voxel 0.4 m, 64 PFN channels, layers [3, 5, 5], filters [64, 128, 256]."""
 
     name: Literal["pointpillars"] = "pointpillars"
-    voxel_size: tuple[float, float, float] = (0.4, 0.4, 4.0)
+    voxel_size: tuple[float, float, float] = (0.8, 0.8, 4.0)
     max_points_per_voxel: int = Field(32, ge=1)
     max_voxels: int = Field(32000, ge=1)
+    pfn_channels: int = Field(32, ge=1)
+    layers: list[int] = Field(default_factory=lambda: [2, 3, 3])
+    strides: list[int] = Field(default_factory=lambda: [2, 2, 2])
+    filters: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    upsample_filters: list[int] = Field(default_factory=lambda: [32, 32, 32])
+    anchor_size: tuple[float, float, float] = (3.9, 1.6, 1.56)
+    anchor_z: float = -1.0
+    anchor_yaws_deg: list[float] = Field(default_factory=lambda: [0.0, 90.0])
+    pos_iou: float = Field(0.6, gt=0, le=1)
+    neg_iou: float = Field(0.45, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "ModelConfig":
+        if not (len(self.layers) == len(self.strides) == len(self.filters) == len(self.upsample_filters)):
+            raise ValueError("layers, strides, filters and upsample_filters must have the same length")
+        if self.neg_iou > self.pos_iou:
+            raise ValueError("neg_iou must not exceed pos_iou")
+        return self
 
 
 class CommConfig(Strict):
-    """What is sent between agents."""
+    """What is sent between agents (the compressed message arrives with the comm issue)."""
 
-    message: Literal["none", "points", "features", "boxes"] = "features"
     max_agents: int = Field(5, ge=1)
 
 
 class FusionConfig(Strict):
-    method: Literal["none", "early", "late", "max"] = "max"
+    """`none` ego only, `early` raw points, `late` boxes + NMS, `max` / `mean` intermediate fp32 features."""
+
+    method: Literal["none", "early", "late", "max", "mean"] = "max"
 
 
 class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop after this many optimiser steps (resume continues)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
     num_workers: int = Field(2, ge=0)
     seed: int = 0
     out_dir: str = "outputs/train"
+    checkpoint_every: int = Field(200, ge=1)
+    validate_each_epoch: bool = True
+    augment: bool = True
 
 
 class EvalConfig(Strict):

@@ -224,13 +224,35 @@ def generate_scene(rng: np.random.Generator, cfg: SimulatorConfig, with_rsu: boo
                 out.append(i)
         return out
 
+    def insert_approaching_car() -> int | None:
+        """Put a car into a gap of an x-road lane, 10-40 m before the junction; its index or None."""
+        for _ in range(20):
+            direction = rng.choice([-1, 1])
+            lane_y = -direction * LANE_CENTRES[int(rng.integers(0, 2))]
+            yaw = 0.0 if direction > 0 else np.pi
+            _, size = _sample_size(rng, "car")
+            xy = (-direction * rng.uniform(10, 40), lane_y)
+            if any(_footprints_touch(v, xy, size, yaw, margin=2.0) for v in vehicles):
+                continue
+            lane_speed = [v.speed for v in vehicles if abs(v.start[1] - lane_y) < 0.1 and v.yaw == yaw]
+            speed = lane_speed[0] if lane_speed else rng.uniform(6.0, 13.0)
+            add("car", size, xy, yaw, speed)
+            return len(vehicles) - 1
+        return None
+
     x_pool, y_pool = pool(True), pool(False)
     chosen: list[int] = []
     for k in range(n_vehicle_agents):
-        first, second = (x_pool, y_pool) if k % 2 == 0 else (y_pool, x_pool)
-        options = [i for i in first if i not in chosen] or [i for i in second if i not in chosen]
+        first = x_pool if k % 2 == 0 else y_pool
+        options = [i for i in first if i not in chosen]
+        if not options and k % 2 == 0:
+            inserted = insert_approaching_car()
+            options = [inserted] if inserted is not None else []
         if not options:
-            options = [i for i, v in enumerate(vehicles) if v.kind == "car" and i not in chosen]
+            options = [i for i in x_pool + y_pool if i not in chosen]
+        if not options:
+            options = [i for i, v in enumerate(vehicles)
+                       if v.kind == "car" and i not in chosen and np.hypot(*v.start) < 45]
         if not options:
             break
         chosen.append(int(rng.choice(options)))

@@ -1,0 +1,73 @@
+"""Checkpoints: atomic saves, `weights_only=True` loads, and a refusal to load the wrong model.
+
+A checkpoint records the architecture it was trained with (model config + fusion method).
+Loading compares it with the model at hand and checks every tensor name and shape; nothing
+is silently skipped (OpenPCDet's habit)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coperception.errors import CoperceptionError
+from coperception.io import atomic_write_bytes
+
+FORMAT = "coperception-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(CoperceptionError):
+    """A checkpoint that cannot be used, with the reason."""
+
+
+def save_checkpoint(path: str | Path, *, arch: dict[str, Any], model: dict[str, torch.Tensor], extra: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, "arch": arch, "model": model, **extra}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint with `weights_only=True`; a corrupt or foreign file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a coperception checkpoint (no '{FORMAT}' marker)")
+    if data.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {data.get('version')} is not supported (expected {VERSION})")
+    return data
+
+
+def check_architecture(path: str | Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {expected.get(k)!r}"
+             for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k)]
+    if diffs:
+        raise CheckpointError(f"{path}: checkpoint is for another architecture: " + "; ".join(diffs[:6]))
+
+
+def load_state_strict(path: str | Path, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load every tensor or none: missing, unexpected and mis-shaped names are all reported."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:5]}")
+        raise CheckpointError(f"{path}: weights do not fit the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)

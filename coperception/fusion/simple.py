@@ -1,0 +1,32 @@
+"""Element-wise fusions over agents: max and mean of the valid cells."""
+
+from __future__ import annotations
+
+import torch
+
+from coperception.fusion.base import Fusion, FusionMeta, register_fusion
+
+
+@register_fusion("max")
+class MaxFusion(Fusion):
+    """Per cell and channel, the largest value among agents whose message covers the cell."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
+        masked = features.masked_fill(~valid[:, :, None], float("-inf"))
+        fused = masked.amax(dim=1)
+        return torch.where(torch.isfinite(fused), fused, torch.zeros_like(fused))
+
+
+@register_fusion("mean")
+class MeanFusion(Fusion):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
+        w = valid[:, :, None].to(features.dtype)
+        return (features * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
