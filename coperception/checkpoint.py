@@ -54,10 +54,14 @@ def check_architecture(path: str | Path, saved: dict[str, Any], expected: dict[s
         raise CheckpointError(f"{path}: checkpoint is for another architecture: " + "; ".join(diffs[:6]))
 
 
-def load_state_strict(path: str | Path, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load every tensor or none: missing, unexpected and mis-shaped names are all reported."""
+def load_state_strict(path: str | Path, module: torch.nn.Module, state: dict[str, torch.Tensor],
+                      fresh_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """Load every tensor or none: missing, unexpected and mis-shaped names are all reported.
+    Names under `fresh_prefixes` (e.g. a new fusion module) may be absent and keep their
+    initial values; they are returned so the caller can say so."""
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
+    fresh = sorted(k for k in set(own) - set(state) if k.startswith(fresh_prefixes)) if fresh_prefixes else []
+    missing = sorted(set(own) - set(state) - set(fresh))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
@@ -70,4 +74,5 @@ def load_state_strict(path: str | Path, module: torch.nn.Module, state: dict[str
         if shapes:
             parts.append(f"shape mismatch {shapes[:5]}")
         raise CheckpointError(f"{path}: weights do not fit the model: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True)
+    module.load_state_dict(state, strict=not fresh)
+    return fresh

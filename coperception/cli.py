@@ -73,39 +73,88 @@ def inspect(
 
 
 @app.command()
-def demo(
-    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),
-    out: Path = typer.Option(Path("outputs/demo"), help="Where the report and pictures go."),
-    workers: int = typer.Option(2, help="Simulation worker processes."),
+def train(
+    config: Path = typer.Option(..., "--config", help="Experiment YAML."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.epochs=5."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from <train.out_dir>/last.pt at its saved step."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train the configured cooperation method; `torchrun --nproc_per_node N` runs it with DDP."""
+    import json
+
+    from coperception.config import load_config
+    from coperception.io import write_json
+    from coperception.train import train as run_training
+
+    try:
+        cfg = load_config(config, overrides)
+        summary = run_training(cfg, resume=resume, progress=progress)
+    except CoperceptionError as exc:
+        _fail(exc)
+    if summary["rank"] == 0:
+        write_json(Path(cfg.train.out_dir) / "summary.json", summary)
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by `coperception train`."),
+    split: Optional[str] = typer.Option(None, help="Split to evaluate (default: dataset.eval_split)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML (default: the one stored in "
+                                          "the checkpoint)."),
+    method: Optional[str] = typer.Option(None, help="Cooperation method (default: the one the checkpoint was "
+                                         "trained for); e.g. `late` with an ego-only checkpoint."),
+    out: Optional[Path] = typer.Option(None, help="JSON report path (default: next to the checkpoint)."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N frames."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
-    """The main job on the synthetic world: simulate (if absent), read back, report visibility, draw a test frame."""
-    from coperception.config import load_config
-    from coperception.datasets.cooperative import build_dataset
-    from coperception.datasets.sim import simulate as run_simulation
-    from coperception.datasets.stats import visibility_stats
+    """Evaluate a checkpoint: AP (global sort and OpenCOOD per-frame sort), measured bytes, ms per stage."""
+    from coperception.checkpoint import load_checkpoint
+    from coperception.config import config_from_dict, load_config
+    from coperception.evaluate import evaluate_method, format_table, report
     from coperception.io import write_json
-    from coperception.viz.bev import plot_sample_bev
+    from coperception.train import load_model
+
+    try:
+        if config is not None:
+            cfg = load_config(config, overrides)
+        else:
+            stored = load_checkpoint(checkpoint).get("config")
+            if not isinstance(stored, dict):
+                raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
+            cfg = config_from_dict(stored, overrides, f"{checkpoint} (stored config)")
+        name = method or cfg.fusion.method
+        if method:
+            cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"method": method})})
+        model = load_model(checkpoint, cfg)
+        chosen = split or cfg.dataset.eval_split
+        entry = evaluate_method(model, cfg, chosen, name, limit=limit)
+        rep = report({name: entry}, f"{cfg.dataset.format}:{cfg.dataset.root}", chosen)
+        target = out or checkpoint.with_name(f"eval_{name}_{chosen}.json")
+        write_json(target, rep)
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(format_table(rep))
+    typer.echo(f"wrote {target}")
+
+
+@app.command()
+def demo(
+    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),
+    out: Path = typer.Option(Path("outputs/demo"), help="Where checkpoints, the report and the picture go."),
+    workers: int = typer.Option(2, help="Simulation worker processes."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. demo.ego_epochs=2."),
+) -> None:
+    """The main job on the synthetic world: simulate (if absent) -> train -> evaluate every baseline -> table,
+    `report.json` and a BEV picture of a test frame."""
+    from coperception.config import load_config
+    from coperception.demo import run_demo
 
     try:
         cfg = load_config(config if config.is_file() else None, overrides)
-        root = Path(cfg.dataset.root)
-        if not (root / cfg.dataset.eval_split).is_dir() and not (root / "cooperative").is_dir():
-            typer.echo(f"simulating the synthetic benchmark into {root}")
-            run_simulation(cfg.dataset.format, root, cfg.simulator, workers=workers)
-        dataset = build_dataset(cfg.dataset, cfg.dataset.eval_split)
-        stats = visibility_stats(dataset, cfg.dataset.eval_range)
-        picture = out / "bev_test_frame.png"
-        plot_sample_bev(dataset[len(dataset) // 2], picture, cfg.dataset.eval_range)
+        run_demo(cfg, out, workers=workers, log=typer.echo)
     except CoperceptionError as exc:
         _fail(exc)
-    report = {"dataset": f"synthetic ({cfg.dataset.format} layout)", "root": str(root), "split": cfg.dataset.eval_split,
-              "frames": len(dataset), "visibility": stats, "bev_picture": str(picture)}
-    write_json(out / "report.json", report)
-    typer.echo(f"{cfg.dataset.eval_split}: {stats['gt_vehicles']} GT vehicles in the eval range over {len(dataset)} frames; "
-               f"with >= {stats['min_points']} LiDAR points: ego {stats['ego_visible_fraction']:.1%}, "
-               f"any agent {stats['union_visible_fraction']:.1%}")
-    typer.echo(f"wrote {out / 'report.json'} and {picture}")
 
 
 def main() -> None:

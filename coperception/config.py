@@ -7,6 +7,7 @@ naming the file and the key path.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +52,7 @@ class DatasetConfig(Strict):
 class LidarConfig(Strict):
     beams: int = Field(32, ge=1)
     azimuth_steps: int = Field(768, ge=8)
-    vertical_fov: tuple[float, float] = (-25.0, 5.0)
+    vertical_fov: tuple[float, float] = (-30.0, 10.0)  # HDL-32E-like
     max_range: float = Field(100.0, gt=0)
     range_noise: float = Field(0.02, ge=0)
     dropout: float = Field(0.05, ge=0, lt=1)
@@ -81,9 +82,9 @@ class SimulatorConfig(Strict):
     frames: int = Field(40, ge=1)
     min_agents: int = Field(3, ge=1)
     max_agents: int = Field(4, ge=1)
-    rsu_probability: float = Field(0.5, ge=0, le=1)
+    rsu_probability: float = Field(0.9, ge=0, le=1)
     moving_vehicles: tuple[int, int] = (18, 28)
-    parked_vehicles: tuple[int, int] = (10, 18)
+    parked_vehicles: tuple[int, int] = (12, 20)
     buildings_per_block: tuple[int, int] = (2, 4)
     trees: tuple[int, int] = (16, 30)
     label_radius: float = Field(60.0, gt=0)  # each CAV logs the vehicles within this distance
@@ -151,12 +152,34 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(200, ge=1)
     validate_each_epoch: bool = True
     augment: bool = True
+    cache_samples: bool = True  # read the training and validation splits into memory once
+    # start from another run's weights (e.g. an ego-only model before fine-tuning a fusion);
+    # the model section must match, the fusion method may differ
+    init_from: str | None = None
 
 
 class EvalConfig(Strict):
     iou_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
     score_threshold: float = Field(0.2, ge=0, le=1)
     nms_threshold: float = Field(0.15, ge=0, le=1)
+
+
+class DemoConfig(Strict):
+    """What `coperception demo` trains and evaluates: an ego-only model, then each feature/point fusion
+    fine-tuned from it; `late` reuses the ego-only model on every agent."""
+
+    ego_epochs: int = Field(6, ge=1)
+    fusion_epochs: int = Field(3, ge=1)
+    fusion_methods: list[Literal["early", "max", "mean"]] = Field(default_factory=lambda: ["early", "max"])
+    eval_methods: list[Literal["none", "early", "late", "max", "mean"]] = Field(
+        default_factory=lambda: ["none", "late", "early", "max"])
+
+    @model_validator(mode="after")
+    def _trained(self) -> "DemoConfig":
+        missing = [m for m in self.eval_methods if m not in ("none", "late", *self.fusion_methods)]
+        if missing:
+            raise ValueError(f"eval_methods {missing} are not trained; add them to fusion_methods")
+        return self
 
 
 class ExperimentConfig(Strict):
@@ -167,6 +190,7 @@ class ExperimentConfig(Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    demo: DemoConfig = Field(default_factory=DemoConfig)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -197,20 +221,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in child.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; a top-level `base: other.yaml` (relative to this file) is loaded first and this
+    file's sections are merged over it, key by key."""
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"{path}: `base` includes form a cycle: {' -> '.join(str(p) for p in (*chain, resolved))}")
+    try:
+        data = read_yaml(path)
+    except DataFormatError as exc:
+        raise ConfigError(str(exc)) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _deep_merge(_read_config_file(path.parent / base, (*chain, resolved)), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML experiment config (or defaults when `path` is None) and apply overrides."""
     source = str(path) if path is not None else "<defaults>"
-    data: Any = {}
-    if path is not None:
-        try:
-            data = read_yaml(path)
-        except DataFormatError as exc:
-            raise ConfigError(str(exc)) from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
+    data = _read_config_file(Path(path)) if path is not None else {}
+    return config_from_dict(data, overrides, source)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a config mapping (e.g. the one a checkpoint stores) after applying overrides."""
+    data = apply_overrides(copy.deepcopy(data), overrides or [])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:

@@ -12,19 +12,21 @@ from tqdm import tqdm
 
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import collate
-from coperception.datasets.cooperative import build_dataset
+from coperception.datasets.cooperative import CooperativeDataset, build_dataset
 from coperception.eval.ap import PROTOCOL, APAccumulator
 from coperception.fusion.methods import detect, get_method
 from coperception.models.detector import PointPillars
 
 
 def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, method_name: str, progress: bool = True,
-                    limit: int | None = None, keep_detections: bool = False) -> dict[str, Any]:
-    """One method entry of the report shape of DESIGN §5 (plus `frames`)."""
+                    limit: int | None = None, keep_detections: bool = False,
+                    dataset: CooperativeDataset | None = None) -> dict[str, Any]:
+    """One method entry of the report shape of DESIGN §5 (plus `frames`); `dataset` replaces the
+    reader for `split` (e.g. samples already in memory)."""
     from coperception.train import PreparedDataset  # shares the input preparation with training
 
     method = get_method(method_name)
-    inner = build_dataset(cfg.dataset, split)
+    inner = dataset if dataset is not None else build_dataset(cfg.dataset, split)
     data = PreparedDataset(inner, cfg, method.infer_mode, None, augment=False)
     indices = list(range(len(data)))[: limit or None]
     loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=1, collate_fn=collate,

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from coperception.checkpoint import CheckpointError, check_architecture, load_checkpoint, load_state_strict, save_checkpoint
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import InputMode, PreparedSample, collate, prepare_sample
-from coperception.datasets.cooperative import CooperativeDataset, build_dataset
+from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
 from coperception.fusion.methods import Method, get_method
 from coperception.models.detector import PointPillars
 from coperception.models.losses import LossWeights, detection_loss
@@ -41,11 +41,14 @@ class PreparedDataset(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, this rank's share, starting after `skip` indices (resume)."""
+    """A seeded permutation per epoch, this rank's share, starting after `skip` indices (resume).
+    With several ranks the permutation is padded by wrapping around so every rank gets the same
+    number of samples (unequal step counts would leave one rank waiting in an all-reduce)."""
 
     def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0, shuffle: bool = True):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle else torch.arange(n)
-        self.indices = order[rank::world].tolist()[skip:]
+        indices = np.resize(order.numpy(), math.ceil(n / world) * world).tolist()  # cyclic padding
+        self.indices = indices[rank::world][skip:]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -63,6 +66,17 @@ def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def build_model(cfg: ExperimentConfig) -> PointPillars:
     return PointPillars(cfg.model, cfg.dataset, get_method(cfg.fusion.method).feature_fusion)
+
+
+def init_weights(model: PointPillars, checkpoint: str | Path, cfg: ExperimentConfig) -> list[str]:
+    """Copy every weight from `checkpoint` (same model section, any fusion method); strict on names and
+    shapes except that a fusion module the checkpoint lacks starts fresh (its names are returned)."""
+    data = load_checkpoint(checkpoint)
+    saved, expected = dict(data["arch"]), architecture(cfg)
+    saved.pop("feature_fusion", None)
+    expected.pop("feature_fusion", None)
+    check_architecture(checkpoint, saved, expected)
+    return load_state_strict(checkpoint, model, data["model"], fresh_prefixes=("fusion.",))
 
 
 def load_model(checkpoint: str | Path, cfg: ExperimentConfig) -> PointPillars:
@@ -106,10 +120,18 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     method: Method = get_method(cfg.fusion.method)
     out_dir = Path(cfg.train.out_dir)
     model = build_model(cfg)
+    if cfg.train.init_from and not resume:
+        init_weights(model, cfg.train.init_from, cfg)
     anchors = model.anchors_np
-    data = PreparedDataset(build_dataset(cfg.dataset, cfg.dataset.train_split), cfg, method.train_mode, anchors,
-                           cfg.train.augment, cfg.train.seed)
-    steps_per_epoch = math.ceil(len(range(ddp.rank, len(data), ddp.world)) / cfg.train.batch_size)
+    show = progress and ddp.main
+    train_set: CooperativeDataset = build_dataset(cfg.dataset, cfg.dataset.train_split)
+    val_set: CooperativeDataset | None = None
+    if cfg.train.cache_samples:
+        train_set = InMemoryDataset(train_set, show, f"read {cfg.dataset.train_split}")
+        if cfg.train.validate_each_epoch and ddp.main:
+            val_set = InMemoryDataset(build_dataset(cfg.dataset, cfg.dataset.val_split), show, f"read {cfg.dataset.val_split}")
+    data = PreparedDataset(train_set, cfg, method.train_mode, anchors, cfg.train.augment, cfg.train.seed)
+    steps_per_epoch = math.ceil(math.ceil(len(data) / ddp.world) / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=max(total_steps, 1),
@@ -176,7 +198,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         end_of_epoch = step % steps_per_epoch == 0 or step >= total_steps
         record = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan")}
         if end_of_epoch and cfg.train.validate_each_epoch and ddp.main:
-            report = evaluate_method(model, cfg, cfg.dataset.val_split, method.name, progress=False)
+            report = evaluate_method(model, cfg, cfg.dataset.val_split, method.name, progress=False, dataset=val_set)
             ap50 = report["ap"]["0.5"]
             record["val_ap50"] = ap50
             if writer is not None:
@@ -192,4 +214,4 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     if ddp.main and not (out_dir / "best.pt").exists():
         save(out_dir / "best.pt", best)
     return {"method": method.name, "steps": step, "resumed_from": resumed_from, "history": history, "best_val_ap50": best,
-            "seconds": time.perf_counter() - started, "world_size": ddp.world}
+            "seconds": time.perf_counter() - started, "world_size": ddp.world, "rank": ddp.rank}

@@ -94,3 +94,19 @@ def build_dataset(cfg: DatasetConfig, split: str, root: str | None = None) -> Co
     if cfg.format not in readers:
         raise CoperceptionError(f"dataset.format {cfg.format!r} has no reader; known: {', '.join(readers)}")
     return readers[cfg.format](root or cfg.root, split, cfg)
+
+
+class InMemoryDataset:
+    """Every sample of a reader, read once up front (PCD parsing dominates a training step on CPU).
+    DataLoader workers forked afterwards share the arrays copy-on-write."""
+
+    def __init__(self, inner: CooperativeDataset, progress: bool = True, desc: str = "cache samples"):
+        from tqdm import tqdm
+
+        self.samples = [inner[i] for i in tqdm(range(len(inner)), desc=desc, disable=not progress, unit="sample")]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> CooperativeSample:
+        return self.samples[index]

@@ -27,9 +27,13 @@ def draw_boxes(ax: plt.Axes, boxes: np.ndarray, colour: str, label: str | None =
         ax.plot([quad.mean(axis=0)[0], front[0]], [quad.mean(axis=0)[1], front[1]], color=colour, linewidth=width)
 
 
+DETECTION_COLOURS = ["#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+
+
 def plot_sample_bev(sample: CooperativeSample, path: str | Path, view_range: Sequence[float] | None = None,
-                    title: str | None = None) -> None:
-    """Every agent's LiDAR points in the ego frame (one colour per agent), agent positions and GT boxes."""
+                    title: str | None = None, detections: dict[str, np.ndarray] | None = None) -> None:
+    """Every agent's LiDAR points in the ego frame (one colour per agent), agent positions, GT boxes
+    and, optionally, predicted boxes per method (`{name: (K, 7) boxes in the ego frame}`)."""
     fig, ax = plt.subplots(figsize=(14, 5), dpi=110)
     for k, agent in enumerate(sample.agents):
         pts = transform_points(sample.T_ego_from_agent(k), agent.points)
@@ -40,6 +44,8 @@ def plot_sample_bev(sample: CooperativeSample, path: str | Path, view_range: Seq
         ax.plot(T[0, 3], T[1, 3], marker="^" if agent.kind == "vehicle" else "s", color=colour, markersize=9,
                 markeredgecolor="black", label=f"{'ego ' if k == 0 else ''}{agent.kind} {agent.agent_id}")
     draw_boxes(ax, sample.gt_boxes, "black", "ground truth", 0.9)
+    for i, (name, boxes) in enumerate((detections or {}).items()):
+        draw_boxes(ax, boxes, DETECTION_COLOURS[i % len(DETECTION_COLOURS)], f"detections: {name}", 0.8)
     if view_range is not None:
         ax.set_xlim(view_range[0], view_range[3])
         ax.set_ylim(view_range[1], view_range[4])
