@@ -165,7 +165,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                                    "best": metric if path.name == "best.pt" else best, "method": method.name,
                                    "config": cfg.model_dump(mode="json")})
 
-    bar = tqdm(total=max_steps, initial=step, desc=f"train {method.name}", unit="step", disable=not (progress and ddp.main))
+    bar = tqdm(total=max_steps, initial=step, desc=f"train {method.name}", unit="step", disable=not show)
     while step < max_steps:
         epoch, done_in_epoch = divmod(step, steps_per_epoch)
         data.epoch = epoch
@@ -207,6 +207,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 best = ap50
                 save(out_dir / "best.pt", ap50)
         history.append(record)
+        if show:
+            bar.write(f"epoch {epoch}: step {step}, loss {record['loss']:.3f}"
+                      + (f", val AP@0.5 {record['val_ap50']:.3f}" if "val_ap50" in record else ""))
         save(last_path, best)
     bar.close()
     if writer is not None:
