@@ -128,10 +128,26 @@ class ModelConfig(Strict):
         return self
 
 
+class ChannelConfig(Strict):
+    """The radio link from each sender to the ego (see `comm/channel.py`)."""
+
+    bandwidth_mbps: float = Field(27.0, gt=0)  # per link; 27 Mbit/s is the top DSRC / 802.11p rate
+    latency_ms: float = Field(0.0, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)  # |N(0, sigma)| added per packet
+    processing_ms: float = Field(0.0, ge=0)  # encode time before the first packet leaves
+    loss_rate: float = Field(0.0, ge=0, le=1)  # stationary Gilbert–Elliott packet loss
+    mean_burst_packets: float = Field(2.0, ge=1)  # mean length of a loss burst
+    pose_noise_m: float = Field(0.0, ge=0)  # sigma of the sender's reported x and y
+    pose_noise_deg: float = Field(0.0, ge=0)  # sigma of the sender's reported yaw
+    mtu: int = Field(1200, ge=200)
+    seed: int = 0
+
+
 class CommConfig(Strict):
-    """What is sent between agents (the compressed message arrives with the comm issue)."""
+    """What is sent between agents and over which channel."""
 
     max_agents: int = Field(5, ge=1)
+    channel: ChannelConfig = Field(default_factory=ChannelConfig)
 
 
 class FusionConfig(Strict):
