@@ -42,13 +42,6 @@ def remove_body_points(points: np.ndarray) -> np.ndarray:
     return points[~body]
 
 
-def crop_points(points: np.ndarray, point_range: Sequence[float]) -> np.ndarray:
-    """Keep points inside `[xmin, ymin, zmin, xmax, ymax, zmax]`."""
-    r = np.asarray(point_range, dtype=np.float32)
-    xyz = points[:, :3]
-    return points[((xyz >= r[:3]) & (xyz < r[3:])).all(axis=1)]
-
-
 def crop_in_ego_frame(points: np.ndarray, T_ego_from_agent: np.ndarray, point_range: Sequence[float]) -> np.ndarray:
     """Keep an agent's points (its own frame) that fall inside the range once moved into the ego
     frame; a roadside LiDAR on a 6 m pole keeps its ground returns this way."""

@@ -1,0 +1,137 @@
+"""Residual multi-codebook vector quantization of BEV cell features.
+
+A cell's C-dim feature is split into m segments of C/m; each segment is quantized by r residual
+stages, each with its own K codes: stage s quantizes what stages < s left over. A cell is then
+m x r integers of log2 K bits. Training uses the straight-through estimator (gradients pass to the
+encoder as if quantization were the identity), a commitment loss pulling features towards their
+codes, codebooks updated by exponential moving averages of the assigned vectors, and dead codes
+(EMA usage below a threshold) re-seeded from vectors of the current batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from coperception.comm.wire import codebook_digest
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (N, C): straight-through in training, the decoded codes otherwise
+    codes: torch.Tensor  # (N, m, r) int64
+    commitment_loss: torch.Tensor  # scalar
+
+
+class ResidualVQ(nn.Module):
+    def __init__(self, channels: int, segments: int = 4, stages: int = 2, codes: int = 256, decay: float = 0.99,
+                 commitment: float = 0.25, dead_usage: float = 0.03, eps: float = 1e-5):
+        super().__init__()
+        if channels % segments:
+            raise ValueError(f"channels {channels} must be divisible by segments {segments}")
+        if codes < 2 or codes & (codes - 1):
+            raise ValueError(f"codes must be a power of two >= 2, got {codes}")
+        self.channels, self.segments, self.stages, self.codes = channels, segments, stages, codes
+        self.dim = channels // segments
+        self.decay, self.commitment, self.dead_usage, self.eps = decay, commitment, dead_usage, eps
+        self.register_buffer("codebook", torch.randn(segments, stages, codes, self.dim) * 0.01)
+        self.register_buffer("ema_count", torch.ones(segments, stages, codes))
+        self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def bits(self) -> int:
+        return int(math.log2(self.codes))
+
+    def digest(self) -> bytes:
+        """The codebook's identity on the wire (changes whenever a code changes)."""
+        return codebook_digest(self.codebook.detach().cpu().numpy())
+
+    def _nearest(self, residual: torch.Tensor, stage: int) -> torch.Tensor:
+        """residual (N, m, d) -> (N, m) index of the nearest code of `stage` in each segment."""
+        book = self.codebook[:, stage]  # (m, K, d)
+        dist = (residual.pow(2).sum(-1, keepdim=True) - 2 * torch.einsum("nmd,mkd->nmk", residual, book)
+                + book.pow(2).sum(-1)[None])
+        return dist.argmin(dim=-1)
+
+    def _lookup(self, stage: int, index: torch.Tensor) -> torch.Tensor:
+        """(N, m) indices -> (N, m, d) code vectors of `stage`."""
+        seg = torch.arange(self.segments, device=index.device)[None, :].expand_as(index)
+        return self.codebook[seg, stage, index]
+
+    @torch.no_grad()
+    def _init_from(self, x: torch.Tensor, generator: torch.Generator | None) -> None:
+        """Data-dependent start: each stage's codes are residual vectors drawn from the first batch."""
+        residual = x.reshape(-1, self.segments, self.dim).clone()
+        for s in range(self.stages):
+            pick = torch.randint(0, len(residual), (self.codes,), generator=generator)
+            self.codebook[:, s] = residual[pick].transpose(0, 1)
+            residual = residual - self._lookup(s, self._nearest(residual, s))
+        self.ema_sum.copy_(self.codebook)
+        self.ema_count.fill_(1.0)
+        self.initialised.fill_(True)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) features -> (N, m, r) integer codes (nearest code at every stage)."""
+        residual = x.reshape(-1, self.segments, self.dim)
+        codes = []
+        for s in range(self.stages):
+            index = self._nearest(residual, s)
+            residual = residual - self._lookup(s, index)
+            codes.append(index)
+        return torch.stack(codes, dim=-1)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """(N, m, r) integer codes -> (N, C) features rebuilt from this codebook."""
+        out = sum(self._lookup(s, codes[..., s]) for s in range(self.stages))
+        return out.reshape(-1, self.channels)  # type: ignore[union-attr]
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> QuantizerOutput:
+        if x.numel() == 0:
+            return QuantizerOutput(x, torch.zeros(0, self.segments, self.stages, dtype=torch.long, device=x.device),
+                                   x.new_zeros(()))
+        if self.training and not bool(self.initialised):
+            self._init_from(x.detach(), generator)
+        segments = x.reshape(-1, self.segments, self.dim)
+        residual = segments.detach()
+        codes, residuals = [], []
+        for s in range(self.stages):
+            index = self._nearest(residual, s)
+            residuals.append(residual)
+            codes.append(index)
+            residual = residual - self._lookup(s, index)
+        codes_t = torch.stack(codes, dim=-1)
+        if self.training:
+            self._ema_update(residuals, codes, generator)
+        quantized = self.decode(codes_t).reshape(-1, self.segments, self.dim)
+        commitment = self.commitment * (segments - quantized.detach()).pow(2).mean()
+        out = segments + (quantized - segments).detach() if self.training else quantized
+        return QuantizerOutput(out.reshape(-1, self.channels), codes_t, commitment)
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: list[torch.Tensor], codes: list[torch.Tensor], generator: torch.Generator | None) -> None:
+        for s, (residual, index) in enumerate(zip(residuals, codes)):
+            onehot = torch.nn.functional.one_hot(index, self.codes).to(residual.dtype)  # (N, m, K)
+            count = onehot.sum(0)  # (m, K)
+            total = torch.einsum("nmk,nmd->mkd", onehot, residual)
+            self.ema_count[:, s].mul_(self.decay).add_(count, alpha=1 - self.decay)
+            self.ema_sum[:, s].mul_(self.decay).add_(total, alpha=1 - self.decay)
+            n = self.ema_count[:, s].sum(-1, keepdim=True)
+            smoothed = (self.ema_count[:, s] + self.eps) / (n + self.codes * self.eps) * n
+            self.codebook[:, s] = self.ema_sum[:, s] / smoothed[..., None]
+            dead = self.ema_count[:, s] < self.dead_usage
+            if dead.any():  # re-seed unused codes with vectors of this batch
+                seg_idx, code_idx = torch.nonzero(dead, as_tuple=True)
+                pick = torch.randint(0, len(residual), (len(seg_idx),), generator=generator, device=residual.device)
+                fresh = residual[pick, seg_idx]
+                self.codebook[seg_idx, s, code_idx] = fresh
+                self.ema_sum[seg_idx, s, code_idx] = fresh
+                self.ema_count[seg_idx, s, code_idx] = 1.0
+
+    def usage(self) -> np.ndarray:
+        """(m, r) fraction of codes whose EMA usage is above the dead threshold."""
+        return (self.ema_count > self.dead_usage).float().mean(-1).cpu().numpy()
