@@ -1,0 +1,113 @@
+"""Which BEV cells a sender transmits.
+
+Each sender scores its own cells with the confidence map of its own detection head (max over
+anchors of the sigmoid class score, optionally Gaussian-smoothed) and keeps the cells above a
+threshold and/or its top-k. With information filling the ego first broadcasts a request: the cells
+it already sees with confidence. Senders then fill only cells the ego lacks, one after another,
+skipping cells where the confidence accumulated from the ego and the earlier senders already
+reaches a cap, so several senders do not all send the same cell.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from coperception.fusion.base import affine_to_agent
+from coperception.models.anchors import BEVGrid
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    threshold: float | None = 0.1  # keep cells with confidence >= threshold
+    top_k: int | None = None  # and at most this many (highest first)
+    smooth_sigma: float = 0.0  # Gaussian smoothing of the confidence map, in cells
+    filling: bool = False  # information filling
+    request_threshold: float = 0.5  # the ego requests nothing where its own confidence >= this
+    cap: float = 1.0  # cumulative confidence at which a cell counts as covered
+
+
+def smooth_confidence(conf: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(N, H, W) -> Gaussian-smoothed (N, H, W); sigma in cells (0: unchanged)."""
+    if sigma <= 0:
+        return conf
+    radius = max(1, math.ceil(2 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=conf.dtype, device=conf.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.conv2d(conf[:, None], kernel.view(1, 1, 1, -1), padding=(0, radius))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return out[:, 0]
+
+
+def select_cells(conf: torch.Tensor, threshold: float | None, top_k: int | None,
+                 allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(H, W) confidence -> (H, W) bool: cells >= threshold (if given), at most top_k (if given),
+    only where `allowed`."""
+    score = conf.clone()
+    if allowed is not None:
+        score = score.masked_fill(~allowed, float("-inf"))
+    mask = torch.isfinite(score)
+    if threshold is not None:
+        mask &= score >= threshold
+    if top_k is not None:
+        k = min(int(top_k), int(mask.sum()))
+        keep = torch.zeros_like(mask)
+        if k > 0:
+            flat = score.masked_fill(~mask, float("-inf")).flatten()
+            keep.view(-1)[flat.topk(k).indices] = True
+        mask = keep
+    return mask
+
+
+def random_top_k(conf: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training-time selection: k cells drawn without replacement with probability proportional to confidence."""
+    flat = conf.flatten().clamp(min=1e-6)
+    k = min(k, flat.numel())
+    pick = torch.multinomial(flat, k, replacement=False, generator=generator)
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=conf.device)
+    mask[pick] = True
+    return mask.view_as(conf)
+
+
+def warp_map(values: torch.Tensor, T_dst_from_src: torch.Tensor, grid: BEVGrid, mode: str = "bilinear") -> torch.Tensor:
+    """(N, H, W) maps in the source frames -> the destination frames (zeros outside the source grid)."""
+    theta = affine_to_agent(T_dst_from_src, grid).to(values.device)
+    N, H, W = values.shape
+    sampling = F.affine_grid(theta, [N, 1, H, W], align_corners=False)
+    return F.grid_sample(values[:, None].float(), sampling, mode=mode, padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def ego_request(ego_conf: torch.Tensor, request_threshold: float) -> torch.Tensor:
+    """(H, W) ego confidence -> (H, W) bool: the cells the ego already sees (sent as a REQUEST message)."""
+    return ego_conf >= request_threshold
+
+
+def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor, grid: BEVGrid,
+                       cfg: SelectionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cells each sender transmits, in its own grid.
+
+    ego_conf (H, W) in the ego frame; sender_conf (S, H, W) and T_ego_from_sender (S, 4, 4) for the
+    S senders. Returns (S, H, W) bool masks and the ego's request mask (None without filling)."""
+    S = sender_conf.shape[0]
+    if S == 0:
+        return torch.zeros_like(sender_conf, dtype=torch.bool), None
+    conf = smooth_confidence(sender_conf, cfg.smooth_sigma)
+    T_sender_from_ego = torch.linalg.inv(T_ego_from_sender.double()).float()
+    # cells that land outside the ego's grid are of no use to it, whatever the selection rule
+    inside_ego = warp_map(torch.ones_like(conf), T_sender_from_ego, grid, "nearest") > 0.5
+    if not cfg.filling:
+        return torch.stack([select_cells(conf[s], cfg.threshold, cfg.top_k, inside_ego[s]) for s in range(S)]), None
+    request = ego_request(ego_conf, cfg.request_threshold)
+    # what the ego already sees counts as covered; the senders add their confidence in turn
+    covered = torch.where(request, torch.full_like(ego_conf, cfg.cap), ego_conf)
+    masks = []
+    for s in range(S):
+        covered_here = warp_map(covered[None], T_sender_from_ego[s : s + 1], grid, "nearest")[0]
+        mask = select_cells(conf[s], cfg.threshold, cfg.top_k, allowed=inside_ego[s] & (covered_here < cfg.cap))
+        masks.append(mask)
+        covered = covered + warp_map((conf[s] * mask)[None], T_ego_from_sender[s : s + 1], grid, "nearest")[0]
+    return torch.stack(masks), request
