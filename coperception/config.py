@@ -135,6 +135,7 @@ class ChannelConfig(Strict):
     latency_ms: float = Field(0.0, ge=0)
     jitter_ms: float = Field(0.0, ge=0)  # |N(0, sigma)| added per packet
     processing_ms: float = Field(0.0, ge=0)  # encode time before the first packet leaves
+    fusion_deadline_ms: float = Field(50.0, ge=0)  # the ego fuses what has arrived this long after its capture
     loss_rate: float = Field(0.0, ge=0, le=1)  # stationary Gilbert–Elliott packet loss
     mean_burst_packets: float = Field(2.0, ge=1)  # mean length of a loss burst
     pose_noise_m: float = Field(0.0, ge=0)  # sigma of the sender's reported x and y
@@ -143,17 +144,49 @@ class ChannelConfig(Strict):
     seed: int = 0
 
 
+class SelectionSettings(Strict):
+    """Which cells a sender transmits (see `comm/select.py`)."""
+
+    threshold: float | None = Field(0.1, ge=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    smooth_sigma: float = Field(0.0, ge=0)
+    filling: bool = False  # information filling: senders fill only what the ego lacks
+    request_threshold: float = Field(0.5, ge=0, le=1)
+    cap: float = Field(1.0, gt=0)
+
+
+class CodebookSettings(Strict):
+    """Residual multi-codebook VQ: `segments` x `stages` codes of log2(`codes`) bits per cell."""
+
+    segments: int = Field(4, ge=1)
+    stages: int = Field(2, ge=1)
+    codes: int = Field(256, ge=2, le=65536)
+    decay: float = Field(0.99, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+
+    @field_validator("codes")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v & (v - 1):
+            raise ValueError(f"must be a power of two, got {v}")
+        return v
+
+
 class CommConfig(Strict):
     """What is sent between agents and over which channel."""
 
     max_agents: int = Field(5, ge=1)
+    selection: SelectionSettings = Field(default_factory=SelectionSettings)
+    codebook: CodebookSettings = Field(default_factory=CodebookSettings)
     channel: ChannelConfig = Field(default_factory=ChannelConfig)
+    sign: bool = False  # HMAC-SHA256 on every packet with a per-agent key
 
 
 class FusionConfig(Strict):
-    """`none` ego only, `early` raw points, `late` boxes + NMS, `max` / `mean` intermediate fp32 features."""
+    """`none` ego only, `early` raw points, `late` boxes + NMS, `max` / `mean` intermediate dense fp32
+    features, `where2comm` selected cells as fp32, `codebook` selected cells as codebook codes."""
 
-    method: Literal["none", "early", "late", "max", "mean"] = "max"
+    method: Literal["none", "early", "late", "max", "mean", "where2comm", "codebook"] = "max"
 
 
 class TrainConfig(Strict):

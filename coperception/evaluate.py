@@ -34,7 +34,12 @@ def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, meth
     acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds))
     was_training = model.training
     model.eval()
-    sent_per_frame, sent_per_agent = [], []
+    session = None
+    if method.sparse:
+        from coperception.comm.pipeline import CommSession
+
+        session = CommSession(model, cfg.comm, codes=method.message == "codes")
+    sent_per_frame, sent_per_agent, request_bytes, fused_ages = [], [], [], []
     model_ms = []
     load_ms = []
     kept = []
@@ -42,12 +47,16 @@ def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, meth
     for batch, _, prepared in tqdm(loader, desc=f"eval {method.name}", disable=not progress):
         load_ms.append((time.perf_counter() - t_load) * 1e3)
         t0 = time.perf_counter()
-        out = detect(model, method, batch, prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold)
+        out = detect(model, method, batch, prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold, session)
         model_ms.append((time.perf_counter() - t0) * 1e3)
-        for p, dets, sizes in zip(prepared, out.detections, out.message_bytes):
+        for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):
             acc.add(dets.boxes, dets.scores, p.gt_boxes)
-            sent_per_frame.append(sum(sizes))
+            request = out.request_bytes[i] if out.request_bytes else 0
+            sent_per_frame.append(sum(sizes) + request)
             sent_per_agent.extend(sizes)
+            request_bytes.append(request)
+            if out.fused_ages:
+                fused_ages.extend(out.fused_ages[i])
             if keep_detections:
                 kept.append((p.frame_key, dets))
         t_load = time.perf_counter()
@@ -61,12 +70,24 @@ def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, meth
         "log2_bytes_per_frame": float(np.log2(np.mean(sent_per_frame))) if sent_per_frame and np.mean(sent_per_frame) > 0 else None,
         "ms": {"load_and_voxelize": float(np.mean(load_ms)) if load_ms else 0.0,
                "detect_and_serialize": float(np.mean(model_ms)) if model_ms else 0.0},
-        "params": {"method": method.name, "message": method.message, "description": method.description},
+        "params": {"method": method.name, "message": method.message, "description": method.description,
+                   **(_comm_params(cfg, method.message) if method.sparse else {})},
         "frames": len(indices),
     }
+    if method.sparse:
+        entry["request_bytes_per_frame"] = float(np.mean(request_bytes)) if request_bytes else 0.0
+        entry["mean_fused_age_s"] = float(np.mean(fused_ages)) if fused_ages else None
     if keep_detections:
         entry["_detections"] = kept
     return entry
+
+
+def _comm_params(cfg: ExperimentConfig, message: str) -> dict[str, Any]:
+    params: dict[str, Any] = {"selection": cfg.comm.selection.model_dump(mode="json"),
+                              "channel": cfg.comm.channel.model_dump(mode="json")}
+    if message == "codes":
+        params["codebook"] = cfg.comm.codebook.model_dump(mode="json")
+    return params
 
 
 def report(entries: dict[str, dict[str, Any]], dataset: str, split: str) -> dict[str, Any]:

@@ -60,12 +60,18 @@ class EpochSampler(Sampler[int]):
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match between a checkpoint and the model that loads it."""
     method = get_method(cfg.fusion.method)
-    return {"model": cfg.model.model_dump(mode="json"), "point_cloud_range": list(cfg.dataset.point_cloud_range),
+    arch = {"model": cfg.model.model_dump(mode="json"), "point_cloud_range": list(cfg.dataset.point_cloud_range),
             "feature_fusion": method.feature_fusion}
+    if method.message == "codes":
+        cb = cfg.comm.codebook
+        arch["codebook"] = {"segments": cb.segments, "stages": cb.stages, "codes": cb.codes}
+    return arch
 
 
 def build_model(cfg: ExperimentConfig) -> PointPillars:
-    return PointPillars(cfg.model, cfg.dataset, get_method(cfg.fusion.method).feature_fusion)
+    method = get_method(cfg.fusion.method)
+    return PointPillars(cfg.model, cfg.dataset, method.feature_fusion, cfg.comm if method.sparse else None,
+                        codebook=method.message == "codes")
 
 
 def init_weights(model: PointPillars, checkpoint: str | Path, cfg: ExperimentConfig) -> list[str]:
@@ -73,10 +79,11 @@ def init_weights(model: PointPillars, checkpoint: str | Path, cfg: ExperimentCon
     shapes except that a fusion module the checkpoint lacks starts fresh (its names are returned)."""
     data = load_checkpoint(checkpoint)
     saved, expected = dict(data["arch"]), architecture(cfg)
-    saved.pop("feature_fusion", None)
-    expected.pop("feature_fusion", None)
+    for key in ("feature_fusion", "codebook"):
+        saved.pop(key, None)
+        expected.pop(key, None)
     check_architecture(checkpoint, saved, expected)
-    return load_state_strict(checkpoint, model, data["model"], fresh_prefixes=("fusion.",))
+    return load_state_strict(checkpoint, model, data["model"], fresh_prefixes=("fusion.", "quantizer."))
 
 
 def load_model(checkpoint: str | Path, cfg: ExperimentConfig) -> PointPillars:
@@ -177,6 +184,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         for batch, targets, _ in loader:
             out = train_model(batch)
             losses = detection_loss(out, targets.labels, targets.residuals, targets.direction, weights)
+            if out.aux_loss is not None:
+                losses["total"] = losses["total"] + out.aux_loss
+                losses["aux"] = out.aux_loss.detach()
             optimizer.zero_grad(set_to_none=True)
             losses["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)

@@ -46,8 +46,9 @@ def test_a_250_ms_delay_at_10_hz_makes_the_ego_fuse_the_frame_3_steps_older():
     ego_time = 2.0
     back = frames_back_needed(cfg, dt)
     sent = [channel.transmit(7, [b"z" * 1200] * 3, ego_time - k * dt) for k in reversed(range(back + 1))]
-    chosen = newest_arrived(sent, ego_time)
-    assert chosen is not None and round((ego_time - chosen.capture_time) / dt) == 3
+    for deadline in (0.0, cfg.fusion_deadline_ms / 1e3):  # with or without waiting 50 ms for messages
+        chosen = newest_arrived(sent, ego_time + deadline)
+        assert chosen is not None and round((ego_time - chosen.capture_time) / dt) == 3
 
 
 def test_bandwidth_gives_transmission_time_from_the_byte_count():

@@ -75,8 +75,9 @@ def test_sparse_fp32_and_request_round_trip():
     rng = np.random.default_rng(2)
     cells = np.sort(rng.choice(GRID.cells, 300, replace=False))
     values = rng.normal(size=(300, 96)).astype(np.float32)
-    msg = Message(MessageKind.SPARSE_FP32, 9, 4, 1.0, np.eye(4), GRID, cells, values=values)
+    msg = Message(MessageKind.SPARSE_FP32, -548, 4, 1.0, np.eye(4), GRID, cells, values=values)  # RSU ids are negative
     out = decode_packets(encode_message(msg))
+    assert out.sender == -548
     np.testing.assert_array_equal(out.values, values)
     np.testing.assert_array_equal(out.cells, cells)
     req = Message(MessageKind.REQUEST, 0, 4, 1.0, np.eye(4), GRID, cells)

@@ -3,7 +3,8 @@
 Packets of a message leave one after another at the link's bandwidth (transmission time from the
 real byte count), then take the base latency plus jitter. Loss follows a two-state Gilbert–Elliott
 chain kept per link across messages, so losses come in bursts. The ego, at its own capture time,
-fuses the newest message from each sender whose delivered packets have all arrived: with delay it
+fuses the newest message from each sender whose delivered packets have all arrived (by its capture time
+plus a fusion deadline, the time its own encoder takes anyway): with delay it
 fuses an older frame, which it warps with the pose the sender reported at that frame's capture
 (plus the pose noise of the sender's localisation). All randomness comes from one seeded generator.
 """
@@ -150,5 +151,5 @@ def newest_arrived(transmissions: Sequence[Transmission], ego_time: float) -> Tr
 def frames_back_needed(cfg: ChannelConfig, frame_interval: float) -> int:
     """How many earlier frames can be the newest arrived one: enough to cover latency + 3 sigma jitter
     + processing, plus one frame for transmission time."""
-    worst = (cfg.latency_ms + 3 * cfg.jitter_ms + cfg.processing_ms) / 1e3
+    worst = max(0.0, (cfg.latency_ms + 3 * cfg.jitter_ms + cfg.processing_ms - cfg.fusion_deadline_ms) / 1e3)
     return int(np.ceil(worst / frame_interval - 1e-9)) + 1

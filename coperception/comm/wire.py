@@ -35,7 +35,7 @@ from coperception.comm.payload import MalformedMessage
 
 MAGIC = b"CPW1"
 VERSION = 1
-_HEADER = struct.Struct("<4sBBBBIIHHd3d4f3f2H8sBBHIIII")
+_HEADER = struct.Struct("<4sBBBBiIHHd3d4f3f2H8sBBHIIII")  # sender is signed: RSU ids are negative
 _CRC = 4
 _MAC = 32
 FLAG_VARINT = 1
@@ -269,7 +269,7 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
             flags |= FLAG_HMAC
         bits = msg.bits if msg.kind == MessageKind.CODES else (32 if msg.kind == MessageKind.SPARSE_FP32 else 0)
         channels = int(msg.values.shape[1]) if msg.kind == MessageKind.SPARSE_FP32 else 0  # type: ignore[union-attr]
-        header = _HEADER.pack(MAGIC, VERSION, int(msg.kind), flags, bits, msg.sender & 0xFFFFFFFF,
+        header = _HEADER.pack(MAGIC, VERSION, int(msg.kind), flags, bits, int(msg.sender),
                               msg.sequence & 0xFFFFFFFF, p, len(chunks), float(msg.capture_time),
                               *_pose_fields(msg.pose), msg.grid.x_min, msg.grid.y_min, msg.grid.cell,
                               msg.grid.height, msg.grid.width, msg.codebook_hash, msg.segments, msg.stages, channels,

@@ -35,6 +35,7 @@ class AgentInput:
     age: float  # seconds between this view's capture and the ego's
     sender: int
     capture_time: float
+    T_world_from_agent: np.ndarray  # (4, 4) the agent's true world pose at capture (unaugmented)
 
 
 @dataclass
@@ -143,14 +144,15 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                        for a, T, p in zip(sample.agents[1:], transforms[1:], points[1:])]
         merged = np.concatenate([transform_points(T, p) for T, p in zip(transforms, points)])
         views.append(AgentInput(_voxelize(merged, dcfg, mcfg), np.eye(4), 0, 0.0, _agent_id(sample.ego.agent_id),
-                                ego_time))
+                                ego_time, sample.ego.T_world_from_agent))
     else:
         chosen = range(1) if mode == "ego" else range(len(sample.agents))
         for k in chosen:
             agent = sample.agents[k]
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
-                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time))
+                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
+                                    agent.T_world_from_agent))
     targets = assign_targets(anchors, gt, mcfg.pos_iou, mcfg.neg_iou) if anchors is not None else None
     return PreparedSample(views, gt, targets, f"{sample.scenario}/{sample.frame}", sent_points)
 

@@ -7,7 +7,7 @@ One registry for every method; feature fusions (max, mean, ...) plug in through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -19,7 +19,10 @@ from coperception.geometry import transform_boxes
 from coperception.models.detector import PointPillars
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
 
-MessageKind = Literal["none", "points", "boxes", "features"]
+if TYPE_CHECKING:
+    from coperception.comm.pipeline import CommSession
+
+MessageKind = Literal["none", "points", "boxes", "features", "sparse_features", "codes"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class Method:
     message: MessageKind
     description: str
 
+    @property
+    def sparse(self) -> bool:
+        """Selected cells only, sent through the wire format and the channel."""
+        return self.message in ("sparse_features", "codes")
+
 
 METHODS: dict[str, Method] = {
     "none": Method("none", "ego", "ego", None, "none", "ego only, nothing sent"),
@@ -38,6 +46,10 @@ METHODS: dict[str, Method] = {
     "late": Method("late", "ego", "all", None, "boxes", "each agent's boxes + scores, merged by NMS"),
     "max": Method("max", "all", "all", "max", "features", "dense fp32 BEV features, element-wise max"),
     "mean": Method("mean", "all", "all", "mean", "features", "dense fp32 BEV features, mean of valid cells"),
+    "where2comm": Method("where2comm", "all", "all", "max", "sparse_features",
+                         "confidence-selected cells as fp32 features (Where2comm-style), max fusion"),
+    "codebook": Method("codebook", "all", "all", "max", "codes",
+                       "confidence-selected cells as residual-codebook codes, max fusion"),
 }
 
 
@@ -51,12 +63,30 @@ def get_method(name: str) -> Method:
 class MethodOutput:
     detections: list[Detections]  # per sample, ego frame
     message_bytes: list[list[int]]  # per sample, per sending agent (ego excluded)
+    request_bytes: list[int] | None = None  # per sample, the ego's broadcast (information filling)
+    fused_ages: list[list[float]] | None = None  # per sample, age of each fused message (s)
 
 
 @torch.no_grad()
 def detect(model: PointPillars, method: Method, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
-           nms_threshold: float) -> MethodOutput:
-    """Run `method` on a collated batch built with `method.infer_mode`."""
+           nms_threshold: float, session: "CommSession | None" = None) -> MethodOutput:
+    """Run `method` on a collated batch built with `method.infer_mode`. Sparse methods need the
+    `session` that carries their messages through the wire format and the channel."""
+    if method.sparse:
+        if session is None:
+            raise ValueError(f"method {method.name} sends packets and needs a CommSession")
+        feats = model.encode(batch)
+        detections, sizes, requests, ages = [], [], [], []
+        start = 0
+        for p in prepared:
+            n = len(p.agents)
+            out, stats = session.run(feats[start : start + n], p)
+            detections += decode_detections(out, model.anchors, score_threshold, nms_threshold)
+            sizes.append(list(stats.delivered_bytes.values()))
+            requests.append(stats.request_bytes)
+            ages.append(list(stats.fused_ages.values()))
+            start += n
+        return MethodOutput(detections, sizes, requests, ages)
     if method.message == "boxes":
         out = model.forward_each_view(batch)
         per_view = decode_detections(out, model.anchors, score_threshold, nms_threshold)

@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from coperception.config import DatasetConfig, ModelConfig
+from coperception.comm.codebook import ResidualVQ
+from coperception.comm.select import SelectionConfig, select_for_senders
+from coperception.config import CommConfig, DatasetConfig, ModelConfig
 from coperception.datasets.collate import AgentBatch
 from coperception.fusion.base import FusionMeta, build_fusion, warp_to_ego
 from coperception.models.anchors import BEVGrid, make_anchors
@@ -19,9 +21,12 @@ from coperception.models.pillars import PillarFeatureNet, scatter_to_bev
 
 
 class PointPillars(nn.Module):
-    """`fusion=None`: each sample's first view is detected alone (no fusion / early / late)."""
+    """`fusion=None`: each sample's first view is detected alone (no fusion / early / late).
+    With `comm`, senders' features are reduced to their selected cells before fusion (and, with
+    `codebook`, quantized by the residual codebook) exactly as the wire would carry them."""
 
-    def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig, fusion: str | None = None):
+    def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig, fusion: str | None = None, comm: CommConfig | None = None,
+                 codebook: bool = False):
         super().__init__()
         r = tuple(float(v) for v in dcfg.point_cloud_range)
         self.input_grid = BEVGrid(r, float(mcfg.voxel_size[0]))  # type: ignore[arg-type]
@@ -35,6 +40,14 @@ class PointPillars(nn.Module):
         self.register_buffer("anchors", torch.from_numpy(self.anchors_np.reshape(-1, 7)), persistent=False)
         self.fusion = build_fusion(fusion, self.backbone.out_channels) if fusion else None
         self.head = AnchorHead(self.backbone.out_channels, len(yaws))
+        self.selection = selection_config(comm) if comm is not None else None
+        self.quantizer: ResidualVQ | None = None
+        if codebook:
+            if comm is None:
+                raise ValueError("a codebook needs the comm settings")
+            cb = comm.codebook
+            self.quantizer = ResidualVQ(self.backbone.out_channels, cb.segments, cb.stages, cb.codes, cb.decay,
+                                        cb.commitment)
 
     def encode(self, batch: AgentBatch) -> torch.Tensor:
         """Per-view BEV features (N_total, C, H, W), each in its own frame."""
@@ -46,21 +59,72 @@ class PointPillars(nn.Module):
             feats = nn.functional.interpolate(feats, size=(H, W), mode="nearest")
         return feats
 
-    def fuse(self, feats: torch.Tensor, batch: AgentBatch) -> torch.Tensor:
+    def sparsify(self, feats: torch.Tensor, batch: AgentBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keep only what senders would transmit: (features, arrived (N_total, H, W), commitment loss).
+        The ego's own view stays whole; senders keep their selected cells, quantized with a codebook."""
+        assert self.selection is not None
+        arrived = torch.ones(feats.shape[0], *feats.shape[-2:], dtype=torch.bool, device=feats.device)
+        with torch.no_grad():
+            conf = self.head.confidence_map(feats)
+        start = 0
+        for n in batch.record_len:
+            if n > 1:
+                T = batch.T_ego_from_agent[start + 1 : start + n]
+                masks, _ = select_for_senders(conf[start], conf[start + 1 : start + n], T, self.feature_grid, self.selection)
+                arrived[start + 1 : start + n] = masks
+            start += n
+        out = feats * arrived[:, None].to(feats.dtype)
+        aux = None
+        if self.quantizer is not None:
+            n_idx, y_idx, x_idx = torch.nonzero(arrived & ~_ego_rows(batch, arrived), as_tuple=True)
+            cells = feats[n_idx, :, y_idx, x_idx]
+            q = self.quantizer(cells)
+            out = _put_cells(out, n_idx, y_idx, x_idx, q.quantized)
+            aux = q.commitment_loss
+        return out, arrived, aux
+
+    def fuse(self, feats: torch.Tensor, batch: AgentBatch, arrived: torch.Tensor | None = None) -> torch.Tensor:
         """Ego-frame features (B, C, H, W): fused over agents, or the first view of each sample."""
         if self.fusion is None:
             firsts = np.cumsum([0] + batch.record_len[:-1])
             return feats[torch.as_tensor(firsts, dtype=torch.long)]
-        warped, valid = warp_to_ego(feats, batch.record_len, batch.T_ego_from_agent, self.feature_grid)
+        warped, valid = warp_to_ego(feats, batch.record_len, batch.T_ego_from_agent, self.feature_grid, arrived)
         meta = _meta(batch, warped.shape[1])
         return self.fusion(warped, valid, meta)
 
     def forward(self, batch: AgentBatch) -> HeadOutput:
-        return self.head(self.fuse(self.encode(batch), batch))
+        feats = self.encode(batch)
+        if self.selection is None:
+            return self.head(self.fuse(feats, batch))
+        feats, arrived, aux = self.sparsify(feats, batch)
+        out = self.head(self.fuse(feats, batch, arrived))
+        out.aux_loss = aux
+        return out
 
     def forward_each_view(self, batch: AgentBatch) -> HeadOutput:
         """Head on every view separately (late fusion): outputs (N_total, A, ...), each in its own frame."""
         return self.head(self.encode(batch))
+
+
+def selection_config(comm: CommConfig) -> SelectionConfig:
+    sel = comm.selection
+    return SelectionConfig(sel.threshold, sel.top_k, sel.smooth_sigma, sel.filling, sel.request_threshold, sel.cap)
+
+
+def _ego_rows(batch: AgentBatch, like: torch.Tensor) -> torch.Tensor:
+    """(N_total, H, W) bool, true on every cell of each sample's ego view."""
+    ego = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+    ego[torch.as_tensor(np.cumsum([0] + batch.record_len[:-1]), dtype=torch.long)] = True
+    return ego[:, None, None].expand_as(like)
+
+
+def _put_cells(feats: torch.Tensor, n: torch.Tensor, y: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of `feats` (N, C, H, W) with the cells (n, :, y, x) replaced by `values` (K, C), differentiably."""
+    N, C, H, W = feats.shape
+    flat = feats.permute(0, 2, 3, 1).reshape(-1, C)
+    index = (n * H + y) * W + x
+    flat = flat.index_copy(0, index, values)
+    return flat.reshape(N, H, W, C).permute(0, 3, 1, 2)
 
 
 def _meta(batch: AgentBatch, slots: int) -> FusionMeta:

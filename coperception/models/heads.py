@@ -16,6 +16,7 @@ class HeadOutput:
     cls: torch.Tensor
     reg: torch.Tensor
     direction: torch.Tensor
+    aux_loss: torch.Tensor | None = None  # e.g. the codebook commitment loss of the messages
 
 
 class AnchorHead(nn.Module):

@@ -1,0 +1,82 @@
+"""Sparse messages end to end: training with selection + codebook, evaluation through wire and channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coperception.config import load_config
+from coperception.evaluate import evaluate_method
+from coperception.train import build_model, load_model, train
+
+from test_train import TINY
+
+
+def comm_config(opv2v_set, out_dir, *extra):
+    return load_config(None, [f"dataset.root={opv2v_set.root}", "dataset.train_split=test", "dataset.val_split=test",
+                              "dataset.eval_split=test", f"train.out_dir={out_dir}", *TINY, "comm.codebook.codes=16",
+                              "comm.codebook.segments=4", "comm.codebook.stages=2", "comm.selection.threshold=0.0",
+                              "comm.selection.top_k=40", *extra])
+
+
+@pytest.fixture(scope="module")
+def codebook_run(opv2v_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("codebook")
+    cfg = comm_config(opv2v_set, out, "fusion.method=codebook", "train.max_steps=4")
+    summary = train(cfg, progress=False)
+    return cfg, out, summary
+
+
+def test_codebook_model_trains_and_sends_measured_codes(codebook_run):
+    cfg, out, summary = codebook_run
+    assert summary["steps"] == 4 and np.isfinite(summary["history"][-1]["loss"])
+    model = load_model(out / "last.pt", cfg)
+    assert model.quantizer is not None and bool(model.quantizer.initialised)
+    entry = evaluate_method(model, cfg, "test", "codebook", progress=False)
+    # 40 cells x 4 segments x 2 stages x 4 bits = 160 bytes of codes per sender, plus indices and headers
+    assert 160 < entry["bytes_per_agent_frame"] < 160 + 40 * 3 + 200
+    assert entry["bytes_per_frame"] > entry["bytes_per_agent_frame"]
+    assert entry["mean_fused_age_s"] == pytest.approx(0.0)
+    sparse_cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"method": "where2comm"})})
+    fp32 = evaluate_method(load_model_as(out / "last.pt", cfg, sparse_cfg), sparse_cfg, "test", "where2comm", progress=False)
+    assert fp32["bytes_per_agent_frame"] > 40 * model.backbone.out_channels * 4  # fp32 values of the same cells
+
+
+def load_model_as(checkpoint, trained_cfg, cfg):
+    """The trained weights in a model built for `cfg` (the codebook itself is not needed for fp32 messages)."""
+    from coperception.checkpoint import load_checkpoint
+
+    model = build_model(cfg)
+    state = {k: v for k, v in load_checkpoint(checkpoint)["model"].items() if not k.startswith("quantizer.")}
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return model
+
+
+def test_total_loss_falls_back_to_ego_only_and_delay_fuses_older_frames(codebook_run, opv2v_set):
+    cfg, out, _ = codebook_run
+    lost = cfg.model_copy(deep=True)
+    lost.comm.channel.loss_rate = 1.0
+    model = load_model(out / "last.pt", lost)
+    at_full_loss = evaluate_method(model, lost, "test", "codebook", progress=False)
+    assert at_full_loss["bytes_per_agent_frame"] == 0.0 and at_full_loss["mean_fused_age_s"] is None
+    ego_only = lost.model_copy(update={"fusion": lost.fusion.model_copy(update={"method": "none"})})
+    alone = evaluate_method(load_model_as(out / "last.pt", cfg, ego_only), ego_only, "test", "none", progress=False)
+    for iou, ap in alone["ap"].items():  # the same weights on the ego's own view only
+        assert at_full_loss["ap"][iou] == pytest.approx(ap, abs=0.01)
+
+    delayed = cfg.model_copy(deep=True)
+    delayed.comm.channel.latency_ms = 150.0
+    entry = evaluate_method(load_model(out / "last.pt", delayed), delayed, "test", "codebook", progress=False)
+    # each test scenario has 3 frames at 10 Hz: only the last frame can use the first frame's messages
+    assert entry["mean_fused_age_s"] == pytest.approx(0.2)
+
+
+def test_signed_messages_verify_with_the_agents_keys(codebook_run):
+    cfg, out, _ = codebook_run
+    signed = cfg.model_copy(deep=True)
+    signed.comm.sign = True
+    a = evaluate_method(load_model(out / "last.pt", signed), signed, "test", "codebook", progress=False)
+    b = evaluate_method(load_model(out / "last.pt", cfg), cfg, "test", "codebook", progress=False)
+    assert a["ap"] == b["ap"]
+    assert a["bytes_per_agent_frame"] > b["bytes_per_agent_frame"]  # + a 32-byte HMAC per packet
