@@ -138,6 +138,81 @@ def evaluate(
     typer.echo(f"wrote {target}")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that write JSON reports (+ PNG) under outputs/bench/.")
+app.add_typer(bench_app, name="bench")
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CoperceptionError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _codebook_specs(text: str) -> list[tuple[int, int, int]]:
+    specs = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise CoperceptionError(f"--codebooks {item!r}: expected SEGMENTSxSTAGESxCODES, e.g. 4x2x256")
+        specs.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    return specs
+
+
+@bench_app.command("comm")
+def bench_comm_command(
+    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),
+    runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with none/, early/, max/ runs (from `demo`)."),
+    out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
+    thresholds: str = typer.Option("0.05,0.1,0.2,0.3,0.4", help="Selection thresholds to sweep."),
+    codebooks: str = typer.Option("1x1x256,2x1x256,4x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
+                                  "(one fine-tuned model each)."),
+    codebook_epochs: int = typer.Option(2, help="Fine-tuning epochs per codebook."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """AP@0.5 vs measured bytes: baselines, Where2comm-style fp32 messages and codebook messages."""
+    from coperception.config import load_config
+    from coperception.eval.bench import bench_comm
+
+    try:
+        cfg = load_config(config, overrides)
+        checkpoints = {m: runs / m / "best.pt" for m in ("none", "early", "max") if (runs / m / "best.pt").is_file()}
+        if "max" not in checkpoints:
+            raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
+        bench_comm(cfg, checkpoints, out, _float_list(thresholds), _codebook_specs(codebooks), codebook_epochs,
+                   log=typer.echo)
+    except CoperceptionError as exc:
+        _fail(exc)
+
+
+@bench_app.command("robustness")
+def bench_robustness_command(
+    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (its comm section "
+                                "is the operating point)."),
+    checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_1x1x256/best.pt"), help="Codebook checkpoint."),
+    ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/demo/train/none/best.pt"), help="Ego-only checkpoint "
+                                                  "for the reference line."),
+    out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
+) -> None:
+    """AP@0.5 of codebook messages under packet loss, delay and pose noise."""
+    from coperception.config import load_config
+    from coperception.eval.bench import bench_robustness
+
+    from coperception.checkpoint import load_checkpoint
+    from coperception.config import CodebookSettings
+
+    try:
+        cfg = load_config(config, overrides)
+        stored = load_checkpoint(checkpoint).get("config") or {}
+        if isinstance(stored.get("comm"), dict) and "codebook" in stored["comm"]:
+            cfg.comm.codebook = CodebookSettings.model_validate(stored["comm"]["codebook"])  # the trained codebook's shape
+        ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
+        bench_robustness(cfg, checkpoint, ego, out, log=typer.echo)
+    except CoperceptionError as exc:
+        _fail(exc)
+
+
 @app.command()
 def demo(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),

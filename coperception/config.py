@@ -187,6 +187,9 @@ class FusionConfig(Strict):
     features, `where2comm` selected cells as fp32, `codebook` selected cells as codebook codes."""
 
     method: Literal["none", "early", "late", "max", "mean", "where2comm", "codebook"] = "max"
+    # feature fusions: each sender encodes its points moved into the ego frame (OpenCOOD `proj_first`);
+    # false: it encodes in its own frame and the ego rotates the feature map (yaw then differs per agent)
+    project_first: bool = True
 
 
 class TrainConfig(Strict):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from coperception.config import ExperimentConfig
-from coperception.datasets.cooperative import build_dataset
+from coperception.datasets.cooperative import InMemoryDataset, build_dataset
 from coperception.datasets.sim import simulate as run_simulation
 from coperception.datasets.stats import visibility_stats
 from coperception.evaluate import evaluate_method, format_table, report
@@ -34,7 +34,7 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
         log(f"simulating the synthetic benchmark into {root}")
         run_simulation(cfg.dataset.format, root, cfg.simulator, workers=workers)
     timings["simulate"] = time.perf_counter() - t0
-    test_set = build_dataset(cfg.dataset, cfg.dataset.eval_split)
+    test_set = InMemoryDataset(build_dataset(cfg.dataset, cfg.dataset.eval_split), desc=f"read {cfg.dataset.eval_split}")
     visibility = visibility_stats(test_set, cfg.dataset.eval_range, progress=False)
     log(f"{cfg.dataset.eval_split}: {visibility['gt_vehicles']} GT vehicles in the eval range; with >= "
         f"{visibility['min_points']} LiDAR points: ego {visibility['ego_visible_fraction']:.1%}, any agent "
@@ -45,12 +45,13 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
     summaries: dict[str, Any] = {}
     checkpoints: dict[str, Path] = {}
     t0 = time.perf_counter()
+    cache: dict = {}
     ego_cfg = _with(cfg, "none", runs / "none", demo.ego_epochs, None)
-    summaries["none"] = train(ego_cfg)
+    summaries["none"] = train(ego_cfg, sample_cache=cache)
     checkpoints["none"] = runs / "none" / "best.pt"
     for method in demo.fusion_methods:
         method_cfg = _with(cfg, method, runs / method, demo.fusion_epochs, str(checkpoints["none"]))
-        summaries[method] = train(method_cfg)
+        summaries[method] = train(method_cfg, sample_cache=cache)
         checkpoints[method] = runs / method / "best.pt"
     timings["train"] = time.perf_counter() - t0
 
@@ -61,7 +62,8 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
         trained_as = "none" if method == "late" else method  # late fusion runs the ego-only detector on every agent
         method_cfg = _with(cfg, method, runs / trained_as, 1, None)
         model = load_model(checkpoints[trained_as], method_cfg)
-        entries[method] = evaluate_method(model, method_cfg, cfg.dataset.eval_split, method, keep_detections=True)
+        entries[method] = evaluate_method(model, method_cfg, cfg.dataset.eval_split, method, keep_detections=True,
+                                          dataset=test_set)
         frame_detections[method] = entries[method]["_detections"]
     timings["evaluate"] = time.perf_counter() - t0
 

@@ -14,7 +14,7 @@ from coperception.config import ExperimentConfig
 from coperception.datasets.collate import collate
 from coperception.datasets.cooperative import CooperativeDataset, build_dataset
 from coperception.eval.ap import PROTOCOL, APAccumulator
-from coperception.fusion.methods import detect, get_method
+from coperception.fusion.methods import detect, get_method, input_mode
 from coperception.models.detector import PointPillars
 
 
@@ -27,7 +27,7 @@ def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, meth
 
     method = get_method(method_name)
     inner = dataset if dataset is not None else build_dataset(cfg.dataset, split)
-    data = PreparedDataset(inner, cfg, method.infer_mode, None, augment=False)
+    data = PreparedDataset(inner, cfg, input_mode(method, cfg.fusion.project_first, training=False), None, augment=False)
     indices = list(range(len(data)))[: limit or None]
     loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=1, collate_fn=collate,
                         num_workers=cfg.train.num_workers)

@@ -19,7 +19,7 @@ from coperception.checkpoint import CheckpointError, check_architecture, load_ch
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import InputMode, PreparedSample, collate, prepare_sample
 from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
-from coperception.fusion.methods import Method, get_method
+from coperception.fusion.methods import Method, get_method, input_mode
 from coperception.models.detector import PointPillars
 from coperception.models.losses import LossWeights, detection_loss
 
@@ -115,9 +115,11 @@ def _init_distributed() -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
+          sample_cache: dict[tuple[str, str], CooperativeDataset] | None = None) -> dict[str, Any]:
     """Train `cfg.fusion.method`; checkpoints `last.pt` / `best.pt` and TensorBoard logs go to
-    `cfg.train.out_dir`. Returns a summary (steps, losses, validation AP, seconds)."""
+    `cfg.train.out_dir`. Returns a summary (steps, losses, validation AP, seconds). Several runs
+    on the same data may share `sample_cache` (samples read into memory once)."""
     from torch.utils.tensorboard import SummaryWriter
 
     from coperception.evaluate import evaluate_method
@@ -131,13 +133,22 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         init_weights(model, cfg.train.init_from, cfg)
     anchors = model.anchors_np
     show = progress and ddp.main
-    train_set: CooperativeDataset = build_dataset(cfg.dataset, cfg.dataset.train_split)
-    val_set: CooperativeDataset | None = None
-    if cfg.train.cache_samples:
-        train_set = InMemoryDataset(train_set, show, f"read {cfg.dataset.train_split}")
-        if cfg.train.validate_each_epoch and ddp.main:
-            val_set = InMemoryDataset(build_dataset(cfg.dataset, cfg.dataset.val_split), show, f"read {cfg.dataset.val_split}")
-    data = PreparedDataset(train_set, cfg, method.train_mode, anchors, cfg.train.augment, cfg.train.seed)
+
+    def open_split(split: str) -> CooperativeDataset:
+        if not cfg.train.cache_samples:
+            return build_dataset(cfg.dataset, split)
+        key = (cfg.dataset.model_dump_json(), split)
+        if sample_cache is not None and key in sample_cache:
+            return sample_cache[key]
+        data = InMemoryDataset(build_dataset(cfg.dataset, split), show, f"read {split}")
+        if sample_cache is not None:
+            sample_cache[key] = data
+        return data
+
+    train_set = open_split(cfg.dataset.train_split)
+    val_set = open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and ddp.main else None
+    mode = input_mode(method, cfg.fusion.project_first, training=True)
+    data = PreparedDataset(train_set, cfg, mode, anchors, cfg.train.augment, cfg.train.seed)
     steps_per_epoch = math.ceil(math.ceil(len(data) / ddp.world) / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

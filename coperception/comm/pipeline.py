@@ -109,7 +109,9 @@ class CommSession:
             request_bytes = sum(len(p) for p in encode_message(req, self.cfg.channel.mtu, self._key(views[0].sender)))
         delivered, cells_sent = {}, {}
         for k, view in enumerate(views[1:]):
-            reported_pose = self.channel.noisy_pose(view.T_world_from_agent)
+            # the pose of the frame the features are in, as the sender's (noisy) localisation places it
+            true_pose = view.T_world_from_agent
+            reported_pose = self.channel.noisy_pose(true_pose) @ invert(true_pose) @ view.T_world_from_frame
             msg = self._message(feats[k + 1], masks[k], view.sender, view.capture_time, reported_pose)
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
             tx = self.channel.transmit(view.sender, packets, view.capture_time)

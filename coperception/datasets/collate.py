@@ -3,7 +3,12 @@
 Which agents' points are encoded, and in which frame, depends on the cooperation method:
 - `ego`: the ego's own points (no fusion; late fusion trains this way);
 - `merged`: every agent's points moved into the ego frame, one cloud (early fusion);
-- `all`: every agent's points in its own frame (intermediate and late fusion at inference).
+- `all`: every agent's points in its own frame (late fusion at inference; intermediate fusion
+  without projection);
+- `projected`: every agent's points moved into the ego frame, each agent still encoded on its own
+  (intermediate fusion, OpenCOOD's `proj_first`): the sender projects with the ego pose the ego
+  broadcasts, so BEV features of all agents share the ego's axes and a feature's yaw means the same
+  for every agent.
 Each agent's points are lifted to the ego's height datum (z + height of the agent above the
 ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
 """
@@ -22,7 +27,7 @@ from coperception.datasets.voxelize import Voxels, voxelize
 from coperception.geometry import transform_points
 from coperception.models.targets import AnchorTargets, assign_targets
 
-InputMode = Literal["ego", "merged", "all"]
+InputMode = Literal["ego", "merged", "all", "projected"]
 
 
 @dataclass
@@ -36,6 +41,7 @@ class AgentInput:
     sender: int
     capture_time: float
     T_world_from_agent: np.ndarray  # (4, 4) the agent's true world pose at capture (unaugmented)
+    T_world_from_frame: np.ndarray  # (4, 4) world pose of the frame the view is encoded in (unaugmented)
 
 
 @dataclass
@@ -144,7 +150,13 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                        for a, T, p in zip(sample.agents[1:], transforms[1:], points[1:])]
         merged = np.concatenate([transform_points(T, p) for T, p in zip(transforms, points)])
         views.append(AgentInput(_voxelize(merged, dcfg, mcfg), np.eye(4), 0, 0.0, _agent_id(sample.ego.agent_id),
-                                ego_time, sample.ego.T_world_from_agent))
+                                ego_time, sample.ego.T_world_from_agent, sample.ego.T_world_from_agent))
+    elif mode == "projected":
+        for k, agent in enumerate(sample.agents):
+            projected = transform_points(transforms[k], points[k]).astype(np.float32) if k else points[k]
+            views.append(AgentInput(_voxelize(projected, dcfg, mcfg), np.eye(4), int(agent.kind == "rsu"),
+                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
+                                    agent.T_world_from_agent, sample.ego.T_world_from_agent))
     else:
         chosen = range(1) if mode == "ego" else range(len(sample.agents))
         for k in chosen:
@@ -152,7 +164,7 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
-                                    agent.T_world_from_agent))
+                                    agent.T_world_from_agent, agent.T_world_from_agent))
     targets = assign_targets(anchors, gt, mcfg.pos_iou, mcfg.neg_iou) if anchors is not None else None
     return PreparedSample(views, gt, targets, f"{sample.scenario}/{sample.frame}", sent_points)
 

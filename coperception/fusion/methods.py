@@ -53,6 +53,12 @@ METHODS: dict[str, Method] = {
 }
 
 
+def input_mode(method: Method, project_first: bool, training: bool) -> InputMode:
+    """The views `method` encodes: feature fusions use `projected` views when `project_first`."""
+    mode = method.train_mode if training else method.infer_mode
+    return "projected" if mode == "all" and method.feature_fusion and project_first else mode
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"fusion.method {name!r} unknown; known: {', '.join(METHODS)}")
