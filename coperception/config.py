@@ -208,6 +208,12 @@ class TrainConfig(Strict):
     # start from another run's weights (e.g. an ego-only model before fine-tuning a fusion);
     # the model section must match, the fusion method may differ
     init_from: str | None = None
+    # codebook methods: keep every detector weight (and BatchNorm statistic) of `init_from` and only
+    # fit the codebook (its EMA updates need no gradients)
+    freeze_detector: bool = False
+    # feature fusions: drop each sender's whole message with this probability in training, so
+    # the model keeps detecting well alone when messages are lost
+    message_dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class EvalConfig(Strict):

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from coperception.checkpoint import CheckpointError, check_architecture, load_checkpoint, load_state_strict, save_checkpoint
 from coperception.config import ExperimentConfig
+from coperception.errors import ConfigError
 from coperception.datasets.collate import InputMode, PreparedSample, collate, prepare_sample
 from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
 from coperception.fusion.methods import Method, get_method, input_mode
@@ -131,7 +132,14 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
     model = build_model(cfg)
     if cfg.train.init_from and not resume:
         init_weights(model, cfg.train.init_from, cfg)
+    model.message_dropout = cfg.train.message_dropout
     anchors = model.anchors_np
+    freeze = cfg.train.freeze_detector
+    if freeze:
+        if model.quantizer is None:
+            raise ConfigError("train.freeze_detector: only a codebook method has anything left to train")
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith("quantizer."))
     show = progress and ddp.main
 
     def open_split(split: str) -> CooperativeDataset:
@@ -168,7 +176,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
         step, best = int(state["step"]), float(state["best"])
         resumed_from = step
     train_model: torch.nn.Module = model
-    if ddp.world > 1:
+    if ddp.world > 1 and not freeze:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
     writer = SummaryWriter(str(out_dir / "tensorboard")) if ddp.main else None
     weights = LossWeights()
@@ -191,6 +199,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
         loader = DataLoader(data, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=cfg.train.num_workers, persistent_workers=False)
         model.train()
+        if freeze:  # keep the detector's BatchNorm statistics too; only the codebook's EMA moves
+            model.eval()
+            assert model.quantizer is not None
+            model.quantizer.train()
         epoch_losses = []
         for batch, targets, _ in loader:
             out = train_model(batch)
@@ -199,8 +211,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
                 losses["total"] = losses["total"] + out.aux_loss
                 losses["aux"] = out.aux_loss.detach()
             optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            if losses["total"].requires_grad:
+                losses["total"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             optimizer.step()
             scheduler.step()
             step += 1

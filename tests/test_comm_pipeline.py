@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from coperception.config import load_config
 from coperception.evaluate import evaluate_method
@@ -80,3 +81,39 @@ def test_signed_messages_verify_with_the_agents_keys(codebook_run):
     b = evaluate_method(load_model(out / "last.pt", cfg), cfg, "test", "codebook", progress=False)
     assert a["ap"] == b["ap"]
     assert a["bytes_per_agent_frame"] > b["bytes_per_agent_frame"]  # + a 32-byte HMAC per packet
+
+
+def test_freeze_detector_fits_only_the_codebook(codebook_run, opv2v_set, tmp_path):
+    cfg, out, _ = codebook_run
+    frozen = comm_config(opv2v_set, tmp_path / "frozen", "fusion.method=codebook", "train.max_steps=3",
+                         f"train.init_from={out / 'last.pt'}", "train.freeze_detector=true")
+    train(frozen, progress=False)
+    from coperception.checkpoint import load_checkpoint
+
+    before = load_checkpoint(out / "last.pt")["model"]
+    after = load_checkpoint(tmp_path / "frozen" / "last.pt")["model"]
+    for key, value in before.items():
+        if key.startswith("quantizer."):
+            continue
+        assert torch.equal(value, after[key]), key  # weights and BatchNorm statistics untouched
+    assert not torch.equal(before["quantizer.codebook"], after["quantizer.codebook"])
+    with pytest.raises(Exception, match="freeze_detector"):
+        train(comm_config(opv2v_set, tmp_path / "bad", "fusion.method=max", "train.freeze_detector=true"), progress=False)
+
+
+def test_message_dropout_trains_and_never_drops_the_ego(opv2v_set, tmp_path):
+    cfg = comm_config(opv2v_set, tmp_path / "drop", "fusion.method=max", "train.max_steps=2", "train.message_dropout=0.9")
+    assert train(cfg, progress=False)["steps"] == 2
+    model = build_model(cfg)
+    model.message_dropout = 0.9
+    model.train()
+    from coperception.datasets.collate import collate, prepare_sample
+    from coperception.datasets.cooperative import build_dataset
+
+    sample = build_dataset(cfg.dataset, "test")[0]
+    batch, _, _ = collate([prepare_sample(sample, "projected", cfg.dataset, cfg.model, None)])
+    feats = torch.zeros(batch.n_agents, 4, 5, 6)
+    torch.manual_seed(0)
+    kept = torch.stack([model._dropped_messages(batch, feats)[:, 0, 0] for _ in range(200)])
+    assert kept[:, 0].all()  # the ego always keeps its own view
+    assert 0.0 < kept[:, 1:].float().mean() < 0.3

@@ -45,7 +45,8 @@ def codebook_name(spec: tuple[int, int, int]) -> str:
 def train_codebook(cfg: ExperimentConfig, dense_checkpoint: str | Path, spec: tuple[int, int, int], out_dir: Path,
                    epochs: int, log: Callable[[str], None], sample_cache: dict | None = None) -> Path:
     """Fine-tune the dense model with a fresh codebook (segments, stages, codes) on its messages; returns best.pt."""
-    target = out_dir / f"codebook_{codebook_name(spec)}" / "best.pt"
+    suffix = "_frozen" if cfg.train.freeze_detector else ""
+    target = out_dir / f"codebook_{codebook_name(spec)}{suffix}" / "best.pt"
     if target.is_file():
         log(f"reusing {target}")
         return target

@@ -41,6 +41,7 @@ class PointPillars(nn.Module):
         self.fusion = build_fusion(fusion, self.backbone.out_channels) if fusion else None
         self.head = AnchorHead(self.backbone.out_channels, len(yaws))
         self.selection = selection_config(comm) if comm is not None else None
+        self.message_dropout = 0.0  # set by training (TrainConfig.message_dropout)
         self.quantizer: ResidualVQ | None = None
         if codebook:
             if comm is None:
@@ -92,11 +93,24 @@ class PointPillars(nn.Module):
         meta = _meta(batch, warped.shape[1])
         return self.fusion(warped, valid, meta)
 
+    def _dropped_messages(self, batch: AgentBatch, like: torch.Tensor) -> torch.Tensor | None:
+        """Training only: (N_total, H, W) arrived mask with each sender's whole message lost with
+        probability `message_dropout`, so the model also learns to detect alone (packet loss)."""
+        if not (self.training and self.message_dropout > 0 and self.fusion is not None):
+            return None
+        N, H, W = like.shape[0], like.shape[-2], like.shape[-1]
+        keep = torch.rand(N, device=like.device) >= self.message_dropout
+        keep |= _ego_rows(batch, torch.zeros(N, 1, 1, dtype=torch.bool, device=like.device))[:, 0, 0]
+        return keep[:, None, None].expand(N, H, W)
+
     def forward(self, batch: AgentBatch) -> HeadOutput:
         feats = self.encode(batch)
+        kept = self._dropped_messages(batch, feats)
         if self.selection is None:
-            return self.head(self.fuse(feats, batch))
+            return self.head(self.fuse(feats, batch, kept))
         feats, arrived, aux = self.sparsify(feats, batch)
+        if kept is not None:
+            arrived = arrived & kept
         out = self.head(self.fuse(feats, batch, arrived))
         out.aux_loss = aux
         return out
