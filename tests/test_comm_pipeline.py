@@ -116,4 +116,4 @@ def test_message_dropout_trains_and_never_drops_the_ego(opv2v_set, tmp_path):
     torch.manual_seed(0)
     kept = torch.stack([model._dropped_messages(batch, feats)[:, 0, 0] for _ in range(200)])
     assert kept[:, 0].all()  # the ego always keeps its own view
-    assert 0.0 < kept[:, 1:].float().mean() < 0.3
+    assert 0.0 < kept[:, 1:].float().mean() < 0.1  # 0.9 alone, else half of the senders dropped

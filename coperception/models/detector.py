@@ -94,14 +94,17 @@ class PointPillars(nn.Module):
         return self.fusion(warped, valid, meta)
 
     def _dropped_messages(self, batch: AgentBatch, like: torch.Tensor) -> torch.Tensor | None:
-        """Training only: (N_total, H, W) arrived mask with each sender's whole message lost with
-        probability `message_dropout`, so the model also learns to detect alone (packet loss)."""
+        """Training only: (N_total, H, W) arrived mask. With probability `message_dropout` a sample
+        loses every sender's message (the ego detects alone, as under total loss); otherwise each
+        sender's message is lost with probability `message_dropout / 2` (partial loss)."""
         if not (self.training and self.message_dropout > 0 and self.fusion is not None):
             return None
         N, H, W = like.shape[0], like.shape[-2], like.shape[-1]
-        keep = torch.rand(N, device=like.device) >= self.message_dropout
-        keep |= _ego_rows(batch, torch.zeros(N, 1, 1, dtype=torch.bool, device=like.device))[:, 0, 0]
-        return keep[:, None, None].expand(N, H, W)
+        sample_of_view = torch.repeat_interleave(torch.arange(len(batch.record_len)), torch.tensor(batch.record_len))
+        alone = torch.rand(len(batch.record_len)) < self.message_dropout
+        keep = (torch.rand(N) >= self.message_dropout / 2) & ~alone[sample_of_view]
+        keep |= _ego_rows(batch, torch.zeros(N, 1, 1, dtype=torch.bool))[:, 0, 0]
+        return keep.to(like.device)[:, None, None].expand(N, H, W)
 
     def forward(self, batch: AgentBatch) -> HeadOutput:
         feats = self.encode(batch)
