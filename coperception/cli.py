@@ -189,7 +189,7 @@ def bench_comm_command(
 def bench_robustness_command(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (its comm section "
                                 "is the operating point)."),
-    checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_1x1x256/best.pt"), help="Codebook checkpoint."),
+    checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_4x2x256/best.pt"), help="Codebook checkpoint."),
     ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/demo/train/none/best.pt"), help="Ego-only checkpoint "
                                                   "for the reference line."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
