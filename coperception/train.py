@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from coperception.checkpoint import CheckpointError, check_architecture, load_checkpoint, load_state_strict, save_checkpoint
 from coperception.config import ExperimentConfig
-from coperception.errors import ConfigError
 from coperception.datasets.collate import InputMode, PreparedSample, collate, prepare_sample
 from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
+from coperception.errors import ConfigError
 from coperception.fusion.methods import Method, get_method, input_mode
 from coperception.models.detector import PointPillars
 from coperception.models.losses import LossWeights, detection_loss
