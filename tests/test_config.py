@@ -43,3 +43,26 @@ def test_shipped_configs_load():
     assert files, "configs/ holds the shipped presets"
     for path in files:
         load_config(path)
+
+
+def test_base_include_merges_and_rejects_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  lr: 0.01\n  epochs: 4\ndataset:\n  max_agents: 3\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 7\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.dataset.max_agents) == (0.01, 7, 3)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "lost.yaml")
+
+
+def test_comm_and_demo_sections_are_validated():
+    with pytest.raises(ConfigError, match=r"comm\.codebook\.codes"):
+        load_config(None, ["comm.codebook.codes=100"])
+    with pytest.raises(ConfigError, match="not trained"):
+        load_config(None, ["demo.fusion_methods=[early]", "demo.eval_methods=[none, max]"])
+    with pytest.raises(ConfigError, match=r"comm\.channel\.loss_rate"):
+        load_config(None, ["comm.channel.loss_rate=1.5"])
