@@ -12,7 +12,7 @@ fuses an older frame, which it warps with the pose the sender reported at that f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ class Delivery:
 class Transmission:
     """One message sent over a link: what left, what arrived and when."""
 
-    sender: int
+    link: Hashable
     capture_time: float
     sent_packets: int
     sent_bytes: int
@@ -93,7 +93,7 @@ class Channel:
 
     cfg: ChannelConfig
     rng: np.random.Generator
-    links: dict[int, Link] = field(default_factory=dict)
+    links: dict[Hashable, Link] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.loss_model = GilbertElliott.from_rate(self.cfg.loss_rate, self.cfg.mean_burst_packets)
@@ -106,9 +106,10 @@ class Channel:
             link.bad = self.rng.random() < model.p_good_to_bad
         return bool(self.rng.random() < (model.loss_bad if link.bad else model.loss_good))
 
-    def transmit(self, sender: int, packets: Sequence[bytes], capture_time: float) -> Transmission:
-        """Send `packets` (in order) captured at `capture_time`; returns what arrives and when."""
-        link = self.links.setdefault(sender, Link())
+    def transmit(self, link_id: Hashable, packets: Sequence[bytes], capture_time: float) -> Transmission:
+        """Send `packets` (in order) captured at `capture_time` over the link `link_id` (e.g. the
+        sender id, or (scenario, sender) when clocks restart per scenario); returns what arrives and when."""
+        link = self.links.setdefault(link_id, Link())
         bytes_per_s = self.cfg.bandwidth_mbps * 1e6 / 8.0
         clock = max(capture_time + self.cfg.processing_ms / 1e3, link.busy_until)
         deliveries = []
@@ -121,7 +122,7 @@ class Channel:
             jitter = abs(self.rng.normal(0.0, self.cfg.jitter_ms / 1e3)) if self.cfg.jitter_ms > 0 else 0.0
             deliveries.append(Delivery(packet, clock + self.cfg.latency_ms / 1e3 + jitter))
         link.busy_until = clock
-        return Transmission(sender, capture_time, len(packets), sum(len(p) for p in packets), deliveries)
+        return Transmission(link_id, capture_time, len(packets), sum(len(p) for p in packets), deliveries)
 
     def noisy_pose(self, T_world_from_sender: np.ndarray) -> np.ndarray:
         """The pose the sender reports: its true pose with Gaussian x/y (m) and yaw (deg) error."""

@@ -114,7 +114,7 @@ class CommSession:
             reported_pose = self.channel.noisy_pose(true_pose) @ invert(true_pose) @ view.T_world_from_frame
             msg = self._message(feats[k + 1], masks[k], view.sender, view.capture_time, reported_pose)
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
-            tx = self.channel.transmit(view.sender, packets, view.capture_time)
+            tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
             delivered[view.sender] = tx.delivered_bytes
             cells_sent[view.sender] = len(msg.cells)
