@@ -120,8 +120,8 @@ class CommSession:
             cells_sent[view.sender] = len(msg.cells)
         # fuse: the ego's own features plus the newest arrived message of each current sender
         T_world_from_ego = views[0].T_world_from_agent
-        chosen_feats, chosen_arrived, transforms, ages = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool)], \
-            [np.eye(4)], [0.0]
+        chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool)]
+        transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages = {}
         for view in views[1:]:
             queue = self.queues.get((scenario, view.sender), [])
@@ -136,12 +136,13 @@ class CommSession:
             chosen_arrived.append(arrived)
             transforms.append(invert(T_world_from_ego) @ msg.pose)
             ages.append(ego_time - msg.capture_time)
+            kinds.append(view.kind)
             fused_ages[view.sender] = ego_time - msg.capture_time
         stacked = torch.stack(chosen_feats)
         T = torch.from_numpy(np.stack(transforms).astype(np.float32))
         T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
         warped, valid = warp_to_ego(stacked, [len(chosen_feats)], T, model.feature_grid, torch.stack(chosen_arrived))
-        meta = FusionMeta(torch.tensor([ages], dtype=torch.float32), torch.zeros(1, len(ages), dtype=torch.int64), T[None])
+        meta = FusionMeta(torch.tensor([ages], dtype=torch.float32), torch.tensor([kinds], dtype=torch.int64), T[None])
         assert model.fusion is not None
         out = model.head(model.fusion(warped, valid, meta))
         return out, FrameComm(delivered, request_bytes, fused_ages, cells_sent)
