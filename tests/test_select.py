@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from coperception.comm.select import (SelectionConfig, random_top_k, select_cells, select_for_senders,
-                                      smooth_confidence)
+from coperception.comm.select import random_top_k, select_cells, select_for_senders, smooth_confidence
+from coperception.config import SelectionSettings
 from coperception.models.anchors import BEVGrid
 
 GRID = BEVGrid((-32.0, -16.0, -3.0, 32.0, 16.0, 1.0), 1.0)  # 64 x 32 cells
@@ -46,22 +46,22 @@ def test_information_filling_sends_only_what_the_ego_lacks_and_no_duplicates():
     sender[10:20, 10:30] = 0.7  # the senders see the ego's block and the block beside it
     senders = torch.stack([sender, sender])
     T = torch.stack([torch.eye(4), torch.eye(4)])  # both at the ego's pose, for easy counting
-    plain, request = select_for_senders(ego, senders, T, GRID, SelectionConfig(threshold=0.3))
+    plain, request = select_for_senders(ego, senders, T, GRID, SelectionSettings(threshold=0.3))
     assert request is None and plain[0].sum() == plain[1].sum() == 200
-    filled, request = select_for_senders(ego, senders, T, GRID, SelectionConfig(threshold=0.3, filling=True,
+    filled, request = select_for_senders(ego, senders, T, GRID, SelectionSettings(threshold=0.3, filling=True,
                                                                                 request_threshold=0.5, cap=0.6))
     assert request is not None and request.sum() == 100
     assert filled[0].sum() == 100 and not filled[0][10:20, 10:20].any()  # only the missing block
     assert filled[1].sum() == 0  # the first sender already covered it (0.7 >= cap)
     # a low cap lets the second sender add what the first one sent with little confidence
     weak = torch.stack([sender * 0.5, sender])
-    filled, _ = select_for_senders(ego, weak, T, GRID, SelectionConfig(threshold=0.3, filling=True, cap=0.6))
+    filled, _ = select_for_senders(ego, weak, T, GRID, SelectionSettings(threshold=0.3, filling=True, cap=0.6))
     assert filled[0].sum() == 100 and filled[1].sum() == 100
 
 
 def test_senders_skip_cells_outside_the_ego_grid():
     sender = torch.full((1, 32, 64), 0.9)
-    masks, _ = select_for_senders(torch.zeros(32, 64), sender, shifted(40.0)[None], GRID, SelectionConfig(threshold=0.3))
+    masks, _ = select_for_senders(torch.zeros(32, 64), sender, shifted(40.0)[None], GRID, SelectionSettings(threshold=0.3))
     # a sender 40 m ahead: only its cells with x < -8 (its frame) fall inside the ego's 64 m grid
     assert 0 < masks.sum() < 32 * 64
     assert not masks[0][:, 30:].any()

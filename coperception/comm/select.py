@@ -11,23 +11,12 @@ reaches a cap, so several senders do not all send the same cell.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from coperception.config import SelectionSettings
 from coperception.fusion.base import affine_to_agent
 from coperception.models.anchors import BEVGrid
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    threshold: float | None = 0.1  # keep cells with confidence >= threshold
-    top_k: int | None = None  # and at most this many (highest first)
-    smooth_sigma: float = 0.0  # Gaussian smoothing of the confidence map, in cells
-    filling: bool = False  # information filling
-    request_threshold: float = 0.5  # the ego requests nothing where its own confidence >= this
-    cap: float = 1.0  # cumulative confidence at which a cell counts as covered
 
 
 def smooth_confidence(conf: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -87,7 +76,7 @@ def ego_request(ego_conf: torch.Tensor, request_threshold: float) -> torch.Tenso
 
 
 def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor, grid: BEVGrid,
-                       cfg: SelectionConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+                       cfg: SelectionSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cells each sender transmits, in its own grid.
 
     ego_conf (H, W) in the ego frame; sender_conf (S, H, W) and T_ego_from_sender (S, 4, 4) for the

@@ -70,6 +70,18 @@ class AgentBatch:
     def n_agents(self) -> int:
         return int(sum(self.record_len))
 
+    @property
+    def ego_index(self) -> torch.Tensor:
+        """(B,) row of each sample's ego view among the N_total views."""
+        return torch.cumsum(torch.tensor([0] + self.record_len[:-1]), 0)
+
+    @property
+    def is_ego(self) -> torch.Tensor:
+        """(N_total,) bool, true on each sample's ego view."""
+        ego = torch.zeros(self.n_agents, dtype=torch.bool)
+        ego[self.ego_index] = True
+        return ego
+
 
 @dataclass
 class TargetBatch:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from coperception.comm.codebook import ResidualVQ
-from coperception.comm.select import SelectionConfig, select_for_senders
+from coperception.comm.select import select_for_senders
 from coperception.config import CommConfig, DatasetConfig, ModelConfig
 from coperception.datasets.collate import AgentBatch
 from coperception.fusion.base import FusionMeta, build_fusion, warp_to_ego
@@ -40,7 +40,7 @@ class PointPillars(nn.Module):
         self.register_buffer("anchors", torch.from_numpy(self.anchors_np.reshape(-1, 7)), persistent=False)
         self.fusion = build_fusion(fusion, self.backbone.out_channels) if fusion else None
         self.head = AnchorHead(self.backbone.out_channels, len(yaws))
-        self.selection = selection_config(comm) if comm is not None else None
+        self.selection = comm.selection if comm is not None else None
         self.message_dropout = 0.0  # set by training (TrainConfig.message_dropout)
         self.quantizer: ResidualVQ | None = None
         if codebook:
@@ -77,7 +77,8 @@ class PointPillars(nn.Module):
         out = feats * arrived[:, None].to(feats.dtype)
         aux = None
         if self.quantizer is not None:
-            n_idx, y_idx, x_idx = torch.nonzero(arrived & ~_ego_rows(batch, arrived), as_tuple=True)
+            senders = ~batch.is_ego.to(arrived.device)[:, None, None]
+            n_idx, y_idx, x_idx = torch.nonzero(arrived & senders, as_tuple=True)
             cells = feats[n_idx, :, y_idx, x_idx]
             q = self.quantizer(cells)
             out = _put_cells(out, n_idx, y_idx, x_idx, q.quantized)
@@ -87,8 +88,7 @@ class PointPillars(nn.Module):
     def fuse(self, feats: torch.Tensor, batch: AgentBatch, arrived: torch.Tensor | None = None) -> torch.Tensor:
         """Ego-frame features (B, C, H, W): fused over agents, or the first view of each sample."""
         if self.fusion is None:
-            firsts = np.cumsum([0] + batch.record_len[:-1])
-            return feats[torch.as_tensor(firsts, dtype=torch.long)]
+            return feats[batch.ego_index.to(feats.device)]
         warped, valid = warp_to_ego(feats, batch.record_len, batch.T_ego_from_agent, self.feature_grid, arrived)
         meta = _meta(batch, warped.shape[1])
         return self.fusion(warped, valid, meta)
@@ -103,7 +103,7 @@ class PointPillars(nn.Module):
         sample_of_view = torch.repeat_interleave(torch.arange(len(batch.record_len)), torch.tensor(batch.record_len))
         alone = torch.rand(len(batch.record_len)) < self.message_dropout
         keep = (torch.rand(N) >= self.message_dropout / 2) & ~alone[sample_of_view]
-        keep |= _ego_rows(batch, torch.zeros(N, 1, 1, dtype=torch.bool))[:, 0, 0]
+        keep |= batch.is_ego
         return keep.to(like.device)[:, None, None].expand(N, H, W)
 
     def forward(self, batch: AgentBatch) -> HeadOutput:
@@ -121,18 +121,6 @@ class PointPillars(nn.Module):
     def forward_each_view(self, batch: AgentBatch) -> HeadOutput:
         """Head on every view separately (late fusion): outputs (N_total, A, ...), each in its own frame."""
         return self.head(self.encode(batch))
-
-
-def selection_config(comm: CommConfig) -> SelectionConfig:
-    sel = comm.selection
-    return SelectionConfig(sel.threshold, sel.top_k, sel.smooth_sigma, sel.filling, sel.request_threshold, sel.cap)
-
-
-def _ego_rows(batch: AgentBatch, like: torch.Tensor) -> torch.Tensor:
-    """(N_total, H, W) bool, true on every cell of each sample's ego view."""
-    ego = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
-    ego[torch.as_tensor(np.cumsum([0] + batch.record_len[:-1]), dtype=torch.long)] = True
-    return ego[:, None, None].expand_as(like)
 
 
 def _put_cells(feats: torch.Tensor, n: torch.Tensor, y: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
