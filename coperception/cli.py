@@ -125,7 +125,7 @@ def evaluate(
             cfg = config_from_dict(stored, overrides, f"{checkpoint} (stored config)")
         name = method or cfg.fusion.method
         if method:
-            cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"method": method})})
+            cfg = cfg.for_method(method)
         model = load_model(checkpoint, cfg)
         chosen = split or cfg.dataset.eval_split
         entry = evaluate_method(model, cfg, chosen, name, limit=limit)

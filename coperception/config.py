@@ -250,6 +250,16 @@ class ExperimentConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
+    def for_method(self, method: str, train: dict[str, Any] | None = None, **comm: dict[str, Any]) -> "ExperimentConfig":
+        """A validated copy for cooperation `method`, with `train` fields and comm sections
+        (`selection=`, `codebook=`, `channel=` dicts of fields) updated."""
+        data = self.model_dump()
+        data["fusion"]["method"] = method
+        data["train"].update(train or {})
+        for section, values in comm.items():
+            data["comm"][section].update(values)
+        return type(self).model_validate(data)
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value parsed as YAML)."""

@@ -17,10 +17,7 @@ from coperception.viz.bev import plot_sample_bev
 
 
 def _with(cfg: ExperimentConfig, method: str, out_dir: Path, epochs: int, init_from: str | None) -> ExperimentConfig:
-    return cfg.model_copy(update={
-        "fusion": cfg.fusion.model_copy(update={"method": method}),
-        "train": cfg.train.model_copy(update={"out_dir": str(out_dir), "epochs": epochs, "init_from": init_from}),
-    })
+    return cfg.for_method(method, train={"out_dir": str(out_dir), "epochs": epochs, "init_from": init_from})
 
 
 def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from coperception.cli import app
 from coperception.train import train
 
 from test_comm_pipeline import comm_config
+from test_train import TINY
 
 
 def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
@@ -17,12 +18,7 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     for method in ("none", "max"):
         train(comm_config(opv2v_set, runs / method, f"fusion.method={method}", "train.max_steps=2"), progress=False)
     sets = [a for s in [f"dataset.root={opv2v_set.root}", "dataset.eval_split=test", "dataset.val_split=test",
-                        "dataset.train_split=test", "train.max_steps=2", "train.validate_each_epoch=false",
-                        "train.num_workers=0", "train.batch_size=1",
-                        "model.voxel_size=[0.8,0.8,4.0]", "model.pfn_channels=16", "model.layers=[1,1]",
-                        "model.strides=[2,2]", "model.filters=[16,32]", "model.upsample_filters=[16,16]",
-                        "dataset.point_cloud_range=[-51.2,-25.6,-3.0,51.2,25.6,1.0]",
-                        "dataset.eval_range=[-51.2,-25.6,-3.0,51.2,25.6,1.0]"] for a in ("--set", s)]
+                        "dataset.train_split=test", "train.max_steps=2", *TINY] for a in ("--set", s)]
     out = tmp_path / "bench"
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "comm", "--runs", str(runs), "--out", str(out), "--thresholds", "0.1",

@@ -20,16 +20,6 @@ from coperception.io import write_json
 from coperception.train import build_model, init_weights, load_model, train
 
 
-def with_method(cfg: ExperimentConfig, method: str, **comm: Any) -> ExperimentConfig:
-    """A copy of `cfg` for `method`, with comm sections updated (`selection=`, `codebook=`, `channel=` dicts)."""
-    new = cfg.model_copy(deep=True)
-    new.fusion.method = method  # type: ignore[assignment]
-    for section, values in comm.items():
-        part = getattr(new.comm, section)
-        setattr(new.comm, section, part.model_copy(update=values))
-    return type(cfg).model_validate(new.model_dump())
-
-
 def sparse_model_from_dense(cfg: ExperimentConfig, dense_checkpoint: str | Path):
     """The dense intermediate model's weights in a model for a sparse method (fp32 messages need no codebook)."""
     model = build_model(cfg)
@@ -50,10 +40,8 @@ def train_codebook(cfg: ExperimentConfig, dense_checkpoint: str | Path, spec: tu
     if target.is_file():
         log(f"reusing {target}")
         return target
-    run = with_method(cfg, "codebook", codebook=dict(zip(("segments", "stages", "codes"), spec)))
-    run.train.out_dir = str(target.parent)
-    run.train.epochs = epochs
-    run.train.init_from = str(dense_checkpoint)
+    run = cfg.for_method("codebook", train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(dense_checkpoint)},
+                         codebook=dict(zip(("segments", "stages", "codes"), spec)))
     train(run, sample_cache=sample_cache)
     return target
 
@@ -78,12 +66,12 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
     for name, trained in (("none", "none"), ("late", "none"), ("early", "early"), ("max", "max")):
         if trained not in checkpoints:
             continue
-        run = with_method(cfg, name)
+        run = cfg.for_method(name)
         methods[name] = _eval(load_model(checkpoints[trained], run), run, name, split, data, log, name)
     points = []
     cache: dict = {}
     for threshold in thresholds:
-        run = with_method(cfg, "where2comm", selection={"threshold": threshold})
+        run = cfg.for_method("where2comm", selection={"threshold": threshold})
         entry = _eval(sparse_model_from_dense(run, checkpoints["max"]), run, "where2comm", split, data, log,
                       f"where2comm thr={threshold}")
         entry["params"]["curve"] = "where2comm"
@@ -95,7 +83,7 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
         checkpoint = train_codebook(cfg, checkpoints["max"], spec, out / "train", codebook_epochs, log, cache)
         for filling in (False, True):
             for threshold in thresholds:
-                run = with_method(cfg, "codebook", selection={"threshold": threshold, "filling": filling},
+                run = cfg.for_method("codebook", selection={"threshold": threshold, "filling": filling},
                                   codebook=dict(zip(("segments", "stages", "codes"), spec)))
                 entry = _eval(load_model(checkpoint, run), run, "codebook", split, data, log,
                               f"codebook {name} thr={threshold} filling={filling}")
@@ -128,13 +116,13 @@ def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Pa
     for sweep, settings in sweeps.items():
         results[sweep] = []
         for label, channel in settings:
-            run = with_method(cfg, "codebook", channel=channel)
+            run = cfg.for_method("codebook", channel=channel)
             entry = _eval(load_model(checkpoint, run), run, "codebook", split, data, log, f"{sweep} {label}")
             entry["params"]["setting"] = label
             results[sweep].append(entry)
     methods = {}
     if ego_checkpoint is not None:
-        run = with_method(cfg, "none")
+        run = cfg.for_method("none")
         methods["none"] = {**_eval(load_model(ego_checkpoint, run), run, "none", split, data, log, "ego only"),
                            "frames": len(data)}
     rep = report(methods, f"{cfg.dataset.format}:{cfg.dataset.root}", split)

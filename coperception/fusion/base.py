@@ -66,7 +66,11 @@ def warp_to_ego(features: torch.Tensor, record_len: list[int], T_ego_from_agent:
 
 
 class Fusion(nn.Module, abc.ABC):
-    """Base class: `forward(features, valid, meta) -> (B, C, H, W)`."""
+    """Base class: `forward(features, valid, meta) -> (B, C, H, W)`; built with the feature channels."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
 
     @abc.abstractmethod
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:

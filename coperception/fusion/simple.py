@@ -11,10 +11,6 @@ from coperception.fusion.base import Fusion, FusionMeta, register_fusion
 class MaxFusion(Fusion):
     """Per cell and channel, the largest value among agents whose message covers the cell."""
 
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
         masked = features.masked_fill(~valid[:, :, None], float("-inf"))
         fused = masked.amax(dim=1)
@@ -23,9 +19,7 @@ class MaxFusion(Fusion):
 
 @register_fusion("mean")
 class MeanFusion(Fusion):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
+    """Per cell, the mean over agents whose message covers the cell."""
 
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
         w = valid[:, :, None].to(features.dtype)
