@@ -83,8 +83,6 @@ class Link:
 
     bad: bool = False
     busy_until: float = -np.inf
-    packets: int = 0
-    lost: int = 0
 
 
 @dataclass
@@ -115,9 +113,7 @@ class Channel:
         deliveries = []
         for packet in packets:
             clock += len(packet) / bytes_per_s
-            link.packets += 1
             if self._lost(link):
-                link.lost += 1
                 continue
             jitter = abs(self.rng.normal(0.0, self.cfg.jitter_ms / 1e3)) if self.cfg.jitter_ms > 0 else 0.0
             deliveries.append(Delivery(packet, clock + self.cfg.latency_ms / 1e3 + jitter))

@@ -33,10 +33,6 @@ def _header(kind: PayloadKind, sender: int, capture_time: float, pose: np.ndarra
                         *np.asarray(pose, dtype=np.float32)[:3, :4].ravel().tolist(), count)
 
 
-def header_size() -> int:
-    return _HEADER.size
-
-
 def serialize_points(points: np.ndarray, sender: int, capture_time: float, pose: np.ndarray) -> bytes:
     """(N, 4) float32 x y z intensity."""
     pts = np.ascontiguousarray(points[:, :4], dtype="<f4")
@@ -54,29 +50,3 @@ def serialize_features(features: np.ndarray, sender: int, capture_time: float, p
     feats = np.ascontiguousarray(features, dtype="<f4")
     shape = struct.pack("<3H", *feats.shape)
     return _header(PayloadKind.FEATURES, sender, capture_time, pose, feats.size) + shape + feats.tobytes()
-
-
-def deserialize(message: bytes) -> tuple[PayloadKind, int, float, np.ndarray, np.ndarray]:
-    """Bytes -> (kind, sender, capture time, 3x4 pose, payload array)."""
-    if len(message) < _HEADER.size:
-        raise MalformedMessage(f"message of {len(message)} bytes is shorter than its {_HEADER.size}-byte header")
-    magic, version, kind, _, sender, t, *rest = _HEADER.unpack_from(message)
-    pose, count = np.array(rest[:12], dtype=np.float32).reshape(3, 4), rest[12]
-    if magic != MAGIC or version != 1:
-        raise MalformedMessage(f"bad magic/version {magic!r}/{version}")
-    body = message[_HEADER.size:]
-    try:
-        kind = PayloadKind(kind)
-    except ValueError:
-        raise MalformedMessage(f"unknown payload kind {kind}") from None
-    if kind == PayloadKind.FEATURES:
-        shape = struct.unpack_from("<3H", body)
-        body = body[6:]
-        width = int(np.prod(shape))
-    else:
-        width = 4 if kind == PayloadKind.POINTS else 8
-        shape = (count, width)
-        width = count * width
-    if len(body) != width * 4 or (kind == PayloadKind.FEATURES and width != count):
-        raise MalformedMessage(f"{kind.name} payload has {len(body)} bytes, header says {width * 4}")
-    return kind, sender, t, pose, np.frombuffer(body, dtype="<f4").reshape(shape)

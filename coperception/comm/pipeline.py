@@ -38,7 +38,6 @@ class FrameComm:
     delivered_bytes: dict[int, int]  # per sender, bytes of this frame's packets that arrived
     request_bytes: int  # the ego's information-filling request (0 without filling)
     fused_ages: dict[int, float]  # per sender whose message was fused: ego time - capture time
-    cells_sent: dict[int, int]
 
 
 @dataclass
@@ -107,7 +106,7 @@ class CommSession:
             req = Message(MessageKind.REQUEST, views[0].sender, self.sequence, ego_time, views[0].T_world_from_agent,
                           self.grid, torch.nonzero(request.flatten(), as_tuple=True)[0].numpy())
             request_bytes = sum(len(p) for p in encode_message(req, self.cfg.channel.mtu, self._key(views[0].sender)))
-        delivered, cells_sent = {}, {}
+        delivered = {}
         for k, view in enumerate(views[1:]):
             # the pose of the frame the features are in, as the sender's (noisy) localisation places it
             true_pose = view.T_world_from_agent
@@ -117,7 +116,6 @@ class CommSession:
             tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
             delivered[view.sender] = tx.delivered_bytes
-            cells_sent[view.sender] = len(msg.cells)
         # fuse: the ego's own features plus the newest arrived message of each current sender
         T_world_from_ego = views[0].T_world_from_agent
         chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool)]
@@ -145,4 +143,4 @@ class CommSession:
         meta = FusionMeta(torch.tensor([ages], dtype=torch.float32), torch.tensor([kinds], dtype=torch.int64), T[None])
         assert model.fusion is not None
         out = model.head(model.fusion(warped, valid, meta))
-        return out, FrameComm(delivered, request_bytes, fused_ages, cells_sent)
+        return out, FrameComm(delivered, request_bytes, fused_ages)

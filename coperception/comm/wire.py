@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Mapping, Sequence
 
@@ -93,7 +93,6 @@ class Message:
     codebook_hash: bytes = b"\0" * 8
     packets_received: int = 0
     packets_total: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def segments(self) -> int:

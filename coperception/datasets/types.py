@@ -66,7 +66,3 @@ class CooperativeSample:
 
     def T_ego_from_agent(self, index: int) -> np.ndarray:
         return invert(self.ego.T_world_from_agent) @ self.agents[index].T_world_from_agent
-
-    def transforms_to_ego(self) -> np.ndarray:
-        """(L, 4, 4) `T_ego_from_agent` for every agent."""
-        return np.stack([self.T_ego_from_agent(i) for i in range(len(self.agents))])
