@@ -161,13 +161,15 @@ def _codebook_specs(text: str) -> list[tuple[int, int, int]]:
 
 @bench_app.command("comm")
 def bench_comm_command(
-    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),
+    config: Path = typer.Option(Path("configs/synthetic_codebook.yaml"), "--config", help="Experiment YAML; its train "
+                                "section is the codebooks' fine-tuning recipe."),
     runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with none/, early/, max/ runs (from `demo`)."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
-    thresholds: str = typer.Option("0.05,0.1,0.2,0.3,0.4", help="Selection thresholds to sweep."),
-    codebooks: str = typer.Option("1x1x256,2x1x256,4x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
+    thresholds: str = typer.Option("0.05,0.1,0.2,0.4", help="Selection thresholds to sweep."),
+    codebooks: str = typer.Option("2x1x256,4x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
                                   "(one fine-tuned model each)."),
-    codebook_epochs: int = typer.Option(2, help="Fine-tuning epochs per codebook."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every benchmarked model (default: "
+                                         "train.epochs of --config)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """AP@0.5 vs measured bytes: baselines, Where2comm-style fp32 messages and codebook messages."""
@@ -179,8 +181,8 @@ def bench_comm_command(
         checkpoints = {m: runs / m / "best.pt" for m in ("none", "early", "max") if (runs / m / "best.pt").is_file()}
         if "max" not in checkpoints:
             raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
-        bench_comm(cfg, checkpoints, out, _float_list(thresholds), _codebook_specs(codebooks), codebook_epochs,
-                   log=typer.echo)
+        bench_comm(cfg, checkpoints, out, _float_list(thresholds), _codebook_specs(codebooks),
+                   epochs or cfg.train.epochs, log=typer.echo)
     except CoperceptionError as exc:
         _fail(exc)
 

@@ -152,6 +152,9 @@ class SelectionSettings(Strict):
     smooth_sigma: float = Field(0.0, ge=0)
     filling: bool = False  # information filling: senders fill only what the ego lacks
     request_threshold: float = Field(0.5, ge=0, le=1)
+    # senders widen each requested cell to its (2r+1)^2 neighbourhood: the ego's confident cells mark
+    # object centres, its features cover the whole object (the request on the wire stays the centres)
+    request_dilation: int = Field(1, ge=0)
     cap: float = Field(1.0, gt=0)
 
 
@@ -163,6 +166,9 @@ class CodebookSettings(Strict):
     codes: int = Field(256, ge=2, le=65536)
     decay: float = Field(0.99, gt=0, lt=1)
     commitment: float = Field(0.25, ge=0)
+    # before training, fit the codes by k-means on the selected cells of this many training samples
+    fit_samples: int = Field(120, ge=1)
+    fit_iterations: int = Field(25, ge=1)
 
     @field_validator("codes")
     @classmethod

@@ -116,6 +116,27 @@ def _init_distributed() -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
+def fit_codebook(model: PointPillars, data: PreparedDataset, cfg: ExperimentConfig, progress: bool = False) -> float | None:
+    """Fit the model's codebook by k-means on the message cells of `codebook.fit_samples` training
+    samples (the same seeded choice on every rank, so DDP ranks agree); returns the relative error,
+    None when those samples select no cell at all."""
+    assert model.quantizer is not None
+    settings = cfg.comm.codebook
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    order = torch.randperm(len(data), generator=generator)[: settings.fit_samples].tolist()
+    was_training = model.training
+    model.eval()
+    vectors = []
+    for start in tqdm(range(0, len(order), cfg.train.batch_size), desc="codebook k-means data", disable=not progress):
+        batch, _, _ = collate([data[i] for i in order[start : start + cfg.train.batch_size]])
+        vectors.append(model.message_vectors(batch))
+    model.train(was_training)
+    x = torch.cat(vectors) if vectors else torch.zeros(0, model.quantizer.channels)
+    if len(x) == 0:  # e.g. an untrained detector is confident nowhere: the first batch seeds the codes instead
+        return None
+    return model.quantizer.fit(x, settings.fit_iterations, generator)
+
+
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
           sample_cache: dict[tuple[str, str], CooperativeDataset] | None = None) -> dict[str, Any]:
     """Train `cfg.fusion.method`; checkpoints `last.pt` / `best.pt` and TensorBoard logs go to
@@ -157,6 +178,11 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
     val_set = open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and ddp.main else None
     mode = input_mode(method, cfg.fusion.project_first, training=True)
     data = PreparedDataset(train_set, cfg, mode, anchors, cfg.train.augment, cfg.train.seed)
+    if model.quantizer is not None and not resume and not bool(model.quantizer.initialised):
+        error = fit_codebook(model, data, cfg, show)
+        if ddp.main:  # summaries print without the progress bar too (logs of unattended runs)
+            tqdm.write("no selected cells to fit the codebook on: the first batch seeds it" if error is None
+                       else f"codebook fitted by k-means: relative squared error {error:.4f}")
     steps_per_epoch = math.ceil(math.ceil(len(data) / ddp.world) / cfg.train.batch_size)
     total_steps = steps_per_epoch * cfg.train.epochs
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -241,8 +267,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
                 best = ap50
                 save(out_dir / "best.pt", ap50)
         history.append(record)
-        if show:
-            bar.write(f"epoch {epoch}: step {step}, loss {record['loss']:.3f}"
+        if ddp.main:
+            tqdm.write(f"epoch {epoch}: step {step}, loss {record['loss']:.3f}"
                       + (f", val AP@0.5 {record['val_ap50']:.3f}" if "val_ap50" in record else ""))
         save(last_path, best)
     bar.close()

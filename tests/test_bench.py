@@ -7,6 +7,7 @@ import json
 from typer.testing import CliRunner
 
 from coperception.cli import app
+from coperception.eval.bench import equal_ap_comparisons
 from coperception.train import train
 
 from test_comm_pipeline import comm_config
@@ -22,7 +23,7 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     out = tmp_path / "bench"
     runner = CliRunner()
     result = runner.invoke(app, ["bench", "comm", "--runs", str(runs), "--out", str(out), "--thresholds", "0.1",
-                                 "--codebooks", "2x1x16", "--codebook-epochs", "1", *sets])
+                                 "--codebooks", "2x1x16", "--epochs", "1", *sets])
     assert result.exit_code == 0, result.output
     rep = json.loads((out / "comm.json").read_text())
     assert {"protocol", "dataset", "split", "frames", "methods", "points"} <= set(rep)
@@ -30,9 +31,14 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     for entry in [*rep["methods"].values(), *rep["points"]]:
         assert set(entry["ap"]) == {"0.3", "0.5", "0.7"} and "bytes_per_agent_frame" in entry and "ms" in entry
     curves = {p["params"]["curve"] for p in rep["points"]}
-    assert curves == {"where2comm", "codebook 2x1x16", "codebook 2x1x16 + filling"}
+    assert curves == {"where2comm", "where2comm + filling", "codebook 2x1x16", "codebook 2x1x16 + filling"}
     assert rep["methods"]["max"]["bytes_per_agent_frame"] > rep["methods"]["where2comm"]["bytes_per_agent_frame"]
     assert (out / "comm.png").stat().st_size > 1000
+    (vs_fp32,) = rep["comparisons"]["codebook_vs_where2comm"]
+    assert vs_fp32["curve"] == "codebook 2x1x16" and vs_fp32["same_selection"]["curve"] == "where2comm"
+    filling = rep["comparisons"]["filling_vs_plain"]
+    assert [(c["curve"], c["same_selection"]["curve"]) for c in filling] == [
+        ("where2comm + filling", "where2comm"), ("codebook 2x1x16 + filling", "codebook 2x1x16")]
 
     result = runner.invoke(app, ["bench", "robustness", "--checkpoint", str(out / "train" / "codebook_2x1x16" / "best.pt"),
                                  "--ego-checkpoint", str(runs / "none" / "best.pt"), "--out", str(out), *sets])
@@ -42,3 +48,21 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     at_total_loss = rob["sweeps"]["loss"][-1]
     assert at_total_loss["bytes_per_agent_frame"] == 0.0
     assert (out / "robustness.png").stat().st_size > 1000
+
+
+def _point(curve, threshold, ap, size):
+    return {"ap": {"0.5": ap}, "bytes_per_frame": size,
+            "params": {"curve": curve, "selection": {"threshold": threshold, "top_k": None, "smooth_sigma": 0.0}}}
+
+
+def test_equal_ap_comparison_pairs_same_cells_and_the_cheapest_fp32_point_within_a_point():
+    points = [_point("where2comm", 0.05, 0.70, 80_000), _point("where2comm", 0.1, 0.695, 20_000),
+              _point("where2comm", 0.2, 0.60, 5_000), _point("codebook 4x2x256", 0.05, 0.69, 800),
+              _point("codebook 4x2x256", 0.2, 0.50, 100)]
+    first, second = equal_ap_comparisons(points[3:], points[:3])
+    assert first["same_selection"]["threshold"] == 0.05
+    assert first["same_selection"]["bytes_ratio"] == 100.0
+    assert first["cheapest_within_tolerance"]["threshold"] == 0.1  # 0.695 >= 0.69 - 0.01, 20 KB
+    assert first["cheapest_within_tolerance"]["bytes_ratio"] == 25.0
+    assert second["cheapest_within_tolerance"]["threshold"] == 0.2  # everything beats AP 0.50
+    assert abs(second["same_selection"]["ap_gap"] - 0.10) < 1e-9

@@ -67,3 +67,22 @@ def test_straight_through_gradient_and_commitment_loss():
     expected = torch.ones_like(x) + 2 * vq.commitment * (x - out.quantized.detach()) / x.numel()
     torch.testing.assert_close(x.grad, expected)
     assert out.commitment_loss > 0
+
+
+def test_kmeans_fit_beats_codes_drawn_from_one_batch_and_tolerates_few_vectors():
+    g = torch.Generator().manual_seed(3)
+    data = clustered(4096, 16, 64, g, spread=0.1)
+    drawn = ResidualVQ(channels=16, segments=1, stages=1, codes=64)
+    drawn.fit(data[:64], iterations=1, generator=g)  # what training's first batch alone would give
+    fitted = ResidualVQ(channels=16, segments=1, stages=1, codes=64)
+    error = fitted.fit(data, iterations=25, generator=g)
+
+    def relative(vq):
+        return float((vq.decode(vq.encode(data)) - data).pow(2).sum() / data.pow(2).sum())
+
+    assert abs(error - relative(fitted)) < 1e-4  # the returned error is the reconstruction error
+    assert relative(fitted) < 0.5 * relative(drawn)
+    assert bool(fitted.initialised)
+    few = ResidualVQ(channels=16, segments=2, stages=2, codes=64)
+    few.fit(data[:10], generator=g)  # fewer vectors than codes: duplicated codes, no error
+    assert torch.isfinite(few.codebook).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from coperception.comm.select import random_top_k, select_cells, select_for_senders, smooth_confidence
+from coperception.comm.select import dilate, random_top_k, select_cells, select_for_senders, smooth_confidence
 from coperception.config import SelectionSettings
 from coperception.models.anchors import BEVGrid
 
@@ -49,14 +49,29 @@ def test_information_filling_sends_only_what_the_ego_lacks_and_no_duplicates():
     plain, request = select_for_senders(ego, senders, T, GRID, SelectionSettings(threshold=0.3))
     assert request is None and plain[0].sum() == plain[1].sum() == 200
     filled, request = select_for_senders(ego, senders, T, GRID, SelectionSettings(threshold=0.3, filling=True,
-                                                                                request_threshold=0.5, cap=0.6))
+                                                                                request_threshold=0.5, cap=0.6,
+                                                                                request_dilation=0))
     assert request is not None and request.sum() == 100
     assert filled[0].sum() == 100 and not filled[0][10:20, 10:20].any()  # only the missing block
     assert filled[1].sum() == 0  # the first sender already covered it (0.7 >= cap)
     # a low cap lets the second sender add what the first one sent with little confidence
     weak = torch.stack([sender * 0.5, sender])
-    filled, _ = select_for_senders(ego, weak, T, GRID, SelectionSettings(threshold=0.3, filling=True, cap=0.6))
+    filled, _ = select_for_senders(ego, weak, T, GRID, SelectionSettings(threshold=0.3, filling=True, cap=0.6,
+                                                                         request_dilation=0))
     assert filled[0].sum() == 100 and filled[1].sum() == 100
+
+
+def test_requested_cells_are_widened_by_the_senders_not_on_the_wire():
+    ego = torch.zeros(32, 64)
+    ego[15, 15] = 0.9  # the ego is confident at one object centre
+    sender = torch.zeros(1, 32, 64)
+    sender[0, 12:19, 12:19] = 0.7  # the sender sees that object's whole 7 x 7 footprint
+    settings = SelectionSettings(threshold=0.3, filling=True, request_threshold=0.5, request_dilation=2)
+    masks, request = select_for_senders(ego, sender, torch.eye(4)[None], GRID, settings)
+    assert request.sum() == 1  # the request carries the centre only
+    assert not masks[0][13:18, 13:18].any()  # the 5 x 5 neighbourhood counts as seen
+    assert masks[0].sum() == 49 - 25
+    assert dilate(request, 0).equal(request) and dilate(request, 1).sum() == 9
 
 
 def test_senders_skip_cells_outside_the_ego_grid():

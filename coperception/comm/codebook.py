@@ -64,16 +64,38 @@ class ResidualVQ(nn.Module):
         return self.codebook[seg, stage, index]
 
     @torch.no_grad()
-    def _init_from(self, x: torch.Tensor, generator: torch.Generator | None) -> None:
-        """Data-dependent start: each stage's codes are residual vectors drawn from the first batch."""
+    def fit(self, x: torch.Tensor, iterations: int = 25, generator: torch.Generator | None = None,
+            chunk: int = 8192) -> float:
+        """Fit every stage by k-means on `x` (N, C), stage by stage on what the earlier stages leave;
+        returns the relative squared reconstruction error. A far better start than codes drawn from
+        one batch: online EMA updates on small batches settle in poor local optima."""
+        if len(x) == 0:
+            raise ValueError("k-means needs at least one vector")
+        x = x.detach()
         residual = x.reshape(-1, self.segments, self.dim).clone()
         for s in range(self.stages):
-            pick = torch.randint(0, len(residual), (self.codes,), generator=generator)
+            if len(residual) >= self.codes:
+                pick = torch.randperm(len(residual), generator=generator)[: self.codes]
+            else:  # fewer vectors than codes: duplicates, which training re-seeds as dead codes
+                pick = torch.randint(0, len(residual), (self.codes,), generator=generator)
             self.codebook[:, s] = residual[pick].transpose(0, 1)
-            residual = residual - self._lookup(s, self._nearest(residual, s))
+            for _ in range(iterations):
+                index = torch.cat([self._nearest(part, s) for part in residual.split(chunk)])
+                onehot = torch.nn.functional.one_hot(index, self.codes).to(residual.dtype)  # (N, m, K)
+                count = onehot.sum(0)
+                total = torch.einsum("nmk,nmd->mkd", onehot, residual)
+                empty = count == 0
+                if empty.any():  # restart empty codes on random vectors
+                    seg_idx, code_idx = torch.nonzero(empty, as_tuple=True)
+                    total[seg_idx, code_idx] = residual[torch.randint(0, len(residual), (len(seg_idx),), generator=generator), seg_idx]
+                    count[seg_idx, code_idx] = 1.0
+                self.codebook[:, s] = total / count[..., None]
+            index = torch.cat([self._nearest(part, s) for part in residual.split(chunk)])
+            residual = residual - self._lookup(s, index)
         self.ema_sum.copy_(self.codebook)
         self.ema_count.fill_(1.0)
         self.initialised.fill_(True)
+        return float(residual.pow(2).sum() / x.pow(2).sum().clamp(min=1e-12))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) features -> (N, m, r) integer codes (nearest code at every stage)."""
@@ -94,8 +116,8 @@ class ResidualVQ(nn.Module):
         if x.numel() == 0:
             return QuantizerOutput(x, torch.zeros(0, self.segments, self.stages, dtype=torch.long, device=x.device),
                                    x.new_zeros(()))
-        if self.training and not bool(self.initialised):
-            self._init_from(x.detach(), generator)
+        if self.training and not bool(self.initialised):  # no k-means fit before training: start from this batch
+            self.fit(x, iterations=1, generator=generator)
         segments = x.reshape(-1, self.segments, self.dim)
         residual = segments.detach()
         codes, residuals = [], []

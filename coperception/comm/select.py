@@ -75,6 +75,14 @@ def ego_request(ego_conf: torch.Tensor, request_threshold: float) -> torch.Tenso
     return ego_conf >= request_threshold
 
 
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """(H, W) bool -> (H, W) bool: every cell within `radius` cells (Chebyshev) of a set cell."""
+    if radius <= 0:
+        return mask
+    k = 2 * radius + 1
+    return F.max_pool2d(mask[None, None].float(), k, stride=1, padding=radius)[0, 0] > 0
+
+
 def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor, grid: BEVGrid,
                        cfg: SelectionSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cells each sender transmits, in its own grid.
@@ -92,7 +100,8 @@ def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_
         return torch.stack([select_cells(conf[s], cfg.threshold, cfg.top_k, inside_ego[s]) for s in range(S)]), None
     request = ego_request(ego_conf, cfg.request_threshold)
     # what the ego already sees counts as covered; the senders add their confidence in turn
-    covered = torch.where(request, torch.full_like(ego_conf, cfg.cap), ego_conf)
+    seen = dilate(request, cfg.request_dilation)
+    covered = torch.where(seen, torch.full_like(ego_conf, cfg.cap), ego_conf)
     masks = []
     for s in range(S):
         covered_here = warp_map(covered[None], T_sender_from_ego[s : s + 1], grid, "nearest")[0]

@@ -17,32 +17,30 @@ from coperception.config import ExperimentConfig
 from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
 from coperception.evaluate import evaluate_method, report
 from coperception.io import write_json
-from coperception.train import build_model, init_weights, load_model, train
-
-
-def sparse_model_from_dense(cfg: ExperimentConfig, dense_checkpoint: str | Path):
-    """The dense intermediate model's weights in a model for a sparse method (fp32 messages need no codebook)."""
-    model = build_model(cfg)
-    init_weights(model, dense_checkpoint, cfg)
-    model.eval()
-    return model
+from coperception.train import load_model, train
 
 
 def codebook_name(spec: tuple[int, int, int]) -> str:
     return "x".join(str(v) for v in spec)
 
 
-def train_codebook(cfg: ExperimentConfig, dense_checkpoint: str | Path, spec: tuple[int, int, int], out_dir: Path,
-                   epochs: int, log: Callable[[str], None], sample_cache: dict | None = None) -> Path:
-    """Fine-tune the dense model with a fresh codebook (segments, stages, codes) on its messages; returns best.pt."""
-    suffix = "_frozen" if cfg.train.freeze_detector else ""
-    target = out_dir / f"codebook_{codebook_name(spec)}{suffix}" / "best.pt"
+def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Path, epochs: int,
+             log: Callable[[str], None], sample_cache: dict | None = None,
+             codebook: tuple[int, int, int] | None = None) -> Path:
+    """Continue the checkpoint `start` as `method` for `epochs` with the recipe of `cfg.train`, so every
+    benchmarked model gets the same extra training; `codebook` (segments, stages, codes) starts fresh
+    codes on the messages. Returns best.pt (an existing one is reused)."""
+    name = method if codebook is None else f"codebook_{codebook_name(codebook)}"
+    frozen = cfg.train.freeze_detector and codebook is not None
+    target = out_dir / (name + ("_frozen" if frozen else "")) / "best.pt"
     if target.is_file():
         log(f"reusing {target}")
         return target
-    run = cfg.for_method("codebook", train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(dense_checkpoint)},
-                         codebook=dict(zip(("segments", "stages", "codes"), spec)))
-    train(run, sample_cache=sample_cache)
+    sections = {"codebook": dict(zip(("segments", "stages", "codes"), codebook))} if codebook else {}
+    run = cfg.for_method(method, train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
+                                        "freeze_detector": frozen}, **sections)
+    log(f"fine-tuning {target.parent.name} from {start} ({epochs} epochs)")
+    train(run, sample_cache=sample_cache, progress=False)
     return target
 
 
@@ -57,30 +55,37 @@ def _eval(model, cfg: ExperimentConfig, method: str, split: str, data: Cooperati
 
 
 def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, thresholds: Sequence[float],
-               codebooks: Sequence[tuple[int, int, int]], codebook_epochs: int, log: Callable[[str], None] = print
+               codebooks: Sequence[tuple[int, int, int]], epochs: int, log: Callable[[str], None] = print
                ) -> dict[str, Any]:
-    """`codebooks`: (segments, stages, codes) per codebook to train and sweep."""
+    """`checkpoints`: the demo's none / early / max runs. The ego-only, dense max, Where2comm-style and
+    codebook models are all fine-tuned from them for `epochs` with `cfg.train`'s recipe (equal budget);
+    `codebooks`: (segments, stages, codes) per codebook to train and sweep."""
     split = cfg.dataset.eval_split
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
+    cache: dict = {}
+    tuned = {"none": finetune(cfg, "none", checkpoints["none"], out / "train", epochs, log, cache)} if "none" in checkpoints else {}
+    tuned["max"] = finetune(cfg, "max", checkpoints["max"], out / "train", epochs, log, cache)
+    tuned["where2comm"] = finetune(cfg, "where2comm", checkpoints["max"], out / "train", epochs, log, cache)
     methods: dict[str, Any] = {}
-    for name, trained in (("none", "none"), ("late", "none"), ("early", "early"), ("max", "max")):
-        if trained not in checkpoints:
+    for name, trained in (("none", tuned.get("none")), ("late", tuned.get("none")), ("early", checkpoints.get("early")),
+                          ("max", tuned["max"])):
+        if trained is None:
             continue
         run = cfg.for_method(name)
-        methods[name] = _eval(load_model(checkpoints[trained], run), run, name, split, data, log, name)
+        methods[name] = _eval(load_model(trained, run), run, name, split, data, log, name)
     points = []
-    cache: dict = {}
-    for threshold in thresholds:
-        run = cfg.for_method("where2comm", selection={"threshold": threshold})
-        entry = _eval(sparse_model_from_dense(run, checkpoints["max"]), run, "where2comm", split, data, log,
-                      f"where2comm thr={threshold}")
-        entry["params"]["curve"] = "where2comm"
-        points.append(entry)
-        if threshold == cfg.comm.selection.threshold:
-            methods["where2comm"] = entry
+    for filling in (False, True):
+        for threshold in thresholds:
+            run = cfg.for_method("where2comm", selection={"threshold": threshold, "filling": filling})
+            entry = _eval(load_model(tuned["where2comm"], run), run, "where2comm", split, data, log,
+                          f"where2comm thr={threshold} filling={filling}")
+            entry["params"]["curve"] = "where2comm" + (" + filling" if filling else "")
+            points.append(entry)
+            if threshold == cfg.comm.selection.threshold and not filling:
+                methods["where2comm"] = entry
     for spec in codebooks:
         name = codebook_name(spec)
-        checkpoint = train_codebook(cfg, checkpoints["max"], spec, out / "train", codebook_epochs, log, cache)
+        checkpoint = finetune(cfg, "codebook", checkpoints["max"], out / "train", epochs, log, cache, codebook=spec)
         for filling in (False, True):
             for threshold in thresholds:
                 run = cfg.for_method("codebook", selection={"threshold": threshold, "filling": filling},
@@ -93,12 +98,65 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
                  split)
     rep["points"] = points
     rep["dense_fp32_bytes_per_agent_frame"] = methods.get("max", {}).get("bytes_per_agent_frame")
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for p in points:
+        curves.setdefault(p["params"]["curve"], []).append(p)
+    rep["comparisons"] = {
+        # codebook messages against fp32 messages of the same cells, and the cheapest fp32 point of equal AP
+        "codebook_vs_where2comm": equal_ap_comparisons(
+            [p for name, c in curves.items() if name.startswith("codebook") and "filling" not in name for p in c],
+            curves.get("where2comm", [])),
+        # every "+ filling" curve against the same messages with plain thresholding (request bytes included)
+        "filling_vs_plain": [row for name, c in curves.items() if name.endswith(" + filling")
+                             for row in equal_ap_comparisons(c, curves.get(name.removesuffix(" + filling"), []))],
+    }
+    _log_comparisons("codebook vs Where2comm-style fp32 (bytes per frame, measured):",
+                     rep["comparisons"]["codebook_vs_where2comm"], log)
+    _log_comparisons("information filling vs plain thresholding:", rep["comparisons"]["filling_vs_plain"], log)
     write_json(out / "comm.json", rep)
     from coperception.viz.curves import plot_ap_vs_bytes
 
     plot_ap_vs_bytes(rep, out / "comm.png")
     log(f"wrote {out / 'comm.json'} and {out / 'comm.png'}")
     return rep
+
+
+def _selection_key(entry: dict[str, Any]) -> tuple:
+    sel = entry["params"]["selection"]
+    return sel["threshold"], sel["top_k"], sel["smooth_sigma"]
+
+
+def equal_ap_comparisons(candidates: Sequence[dict[str, Any]], reference: Sequence[dict[str, Any]],
+                         tolerance: float = 0.01) -> list[dict[str, Any]]:
+    """For every candidate point: the reference point with the same selection settings, and the cheapest
+    reference point whose AP@0.5 is at least the candidate's minus `tolerance`, each with the ratio of
+    its bytes per frame to the candidate's (all measured)."""
+    out = []
+    for p in candidates:
+        ap, size = p["ap"]["0.5"], p["bytes_per_frame"]
+
+        def view(q: dict[str, Any]) -> dict[str, Any]:
+            return {"curve": q["params"]["curve"], "threshold": q["params"]["selection"]["threshold"],
+                    "ap50": q["ap"]["0.5"], "bytes_per_frame": q["bytes_per_frame"], "ap_gap": q["ap"]["0.5"] - ap,
+                    "bytes_ratio": q["bytes_per_frame"] / size if size else None}
+
+        same = [q for q in reference if _selection_key(q) == _selection_key(p)]
+        near = [q for q in reference if q["ap"]["0.5"] >= ap - tolerance]
+        out.append({"curve": p["params"]["curve"], "threshold": p["params"]["selection"]["threshold"], "ap50": ap,
+                    "bytes_per_frame": size, "same_selection": view(same[0]) if same else None,
+                    "cheapest_within_tolerance": view(min(near, key=lambda q: q["bytes_per_frame"])) if near else None,
+                    "tolerance": tolerance})
+    return out
+
+
+def _log_comparisons(title: str, rows: list[dict[str, Any]], log: Callable[[str], None]) -> None:
+    log(title)
+    for c in rows:
+        same, cheapest = c["same_selection"], c["cheapest_within_tolerance"]
+        log(f"  {c['curve']:<28} thr={c['threshold']}: AP@0.5 {c['ap50']:.3f} at {c['bytes_per_frame']:.0f} B/frame | "
+            + (f"same cells: {same['ap50']:.3f} at {same['bytes_ratio']:.1f}x the bytes | " if same else "")
+            + (f"cheapest within {c['tolerance']:.2f}: {cheapest['ap50']:.3f} (thr={cheapest['threshold']}) at "
+               f"{cheapest['bytes_ratio']:.1f}x the bytes" if cheapest else "none within tolerance"))
 
 
 def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Path | None, out: Path,
@@ -128,6 +186,10 @@ def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Pa
     rep = report(methods, f"{cfg.dataset.format}:{cfg.dataset.root}", split)
     rep["frames"] = len(data)
     rep["sweeps"] = results
+    if "none" in methods:
+        total_loss, ego = results["loss"][-1]["ap"]["0.5"], methods["none"]["ap"]["0.5"]
+        rep["total_loss_vs_ego_only"] = {"ap50_at_total_loss": total_loss, "ap50_ego_only": ego, "gap": total_loss - ego}
+        log(f"100 % loss: AP@0.5 {total_loss:.3f} vs ego-only model {ego:.3f} ({total_loss - ego:+.3f})")
     write_json(out / "robustness.json", rep)
     from coperception.viz.curves import plot_robustness
 

@@ -63,6 +63,19 @@ class PointPillars(nn.Module):
     def sparsify(self, feats: torch.Tensor, batch: AgentBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Keep only what senders would transmit: (features, arrived (N_total, H, W), commitment loss).
         The ego's own view stays whole; senders keep their selected cells, quantized with a codebook."""
+        arrived = self.selected_cells(feats, batch)
+        out = feats * arrived[:, None].to(feats.dtype)
+        aux = None
+        if self.quantizer is not None:
+            n_idx, y_idx, x_idx = self._sent(arrived, batch)
+            cells = feats[n_idx, :, y_idx, x_idx]
+            q = self.quantizer(cells)
+            out = _put_cells(out, n_idx, y_idx, x_idx, q.quantized)
+            aux = q.commitment_loss
+        return out, arrived, aux
+
+    def selected_cells(self, feats: torch.Tensor, batch: AgentBatch) -> torch.Tensor:
+        """(N_total, H, W) bool: every cell of an ego view, the cells each sender selects for the ego."""
         assert self.selection is not None
         arrived = torch.ones(feats.shape[0], *feats.shape[-2:], dtype=torch.bool, device=feats.device)
         with torch.no_grad():
@@ -74,16 +87,19 @@ class PointPillars(nn.Module):
                 masks, _ = select_for_senders(conf[start], conf[start + 1 : start + n], T, self.feature_grid, self.selection)
                 arrived[start + 1 : start + n] = masks
             start += n
-        out = feats * arrived[:, None].to(feats.dtype)
-        aux = None
-        if self.quantizer is not None:
-            senders = ~batch.is_ego.to(arrived.device)[:, None, None]
-            n_idx, y_idx, x_idx = torch.nonzero(arrived & senders, as_tuple=True)
-            cells = feats[n_idx, :, y_idx, x_idx]
-            q = self.quantizer(cells)
-            out = _put_cells(out, n_idx, y_idx, x_idx, q.quantized)
-            aux = q.commitment_loss
-        return out, arrived, aux
+        return arrived
+
+    @staticmethod
+    def _sent(arrived: torch.Tensor, batch: AgentBatch) -> tuple[torch.Tensor, ...]:
+        senders = ~batch.is_ego.to(arrived.device)[:, None, None]
+        return torch.nonzero(arrived & senders, as_tuple=True)
+
+    @torch.no_grad()
+    def message_vectors(self, batch: AgentBatch) -> torch.Tensor:
+        """(K, C) features of the cells the senders of `batch` would transmit (what the codebook codes)."""
+        feats = self.encode(batch)
+        n_idx, y_idx, x_idx = self._sent(self.selected_cells(feats, batch), batch)
+        return feats[n_idx, :, y_idx, x_idx]
 
     def fuse(self, feats: torch.Tensor, batch: AgentBatch, arrived: torch.Tensor | None = None) -> torch.Tensor:
         """Ego-frame features (B, C, H, W): fused over agents, or the first view of each sample."""
