@@ -192,8 +192,8 @@ def bench_robustness_command(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (its comm section "
                                 "is the operating point)."),
     checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_4x2x256/best.pt"), help="Codebook checkpoint."),
-    ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/demo/train/none/best.pt"), help="Ego-only checkpoint "
-                                                  "for the reference line."),
+    ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/best.pt"), help="Ego-only checkpoint "
+                                                  "for the reference line (default: the one `bench comm` fine-tunes)."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
 ) -> None:

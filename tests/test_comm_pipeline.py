@@ -117,3 +117,17 @@ def test_message_dropout_trains_and_never_drops_the_ego(opv2v_set, tmp_path):
     kept = torch.stack([model._dropped_messages(batch, feats)[:, 0, 0] for _ in range(200)])
     assert kept[:, 0].all()  # the ego always keeps its own view
     assert 0.0 < kept[:, 1:].float().mean() < 0.1  # 0.9 alone, else half of the senders dropped
+
+
+def test_filling_request_is_measured_and_an_empty_one_is_not_sent(codebook_run):
+    cfg, out, _ = codebook_run
+    entries = {}
+    for request_threshold in (0.0, 1.0):  # every cell requested / none (sigmoid scores stay below 1)
+        run = cfg.model_copy(deep=True)
+        run.comm.selection.filling = True
+        run.comm.selection.request_threshold = request_threshold
+        entries[request_threshold] = evaluate_method(load_model(out / "last.pt", run), run, "test", "codebook",
+                                                     progress=False)
+    everything, nothing = entries[0.0], entries[1.0]
+    assert everything["request_bytes_per_frame"] > 0 and nothing["request_bytes_per_frame"] == 0.0
+    assert everything["bytes_per_agent_frame"] < nothing["bytes_per_agent_frame"]  # the ego covers it all

@@ -102,7 +102,7 @@ class CommSession:
         assert model.selection is not None
         masks, request = select_for_senders(conf[0], conf[1:], T_now, model.feature_grid, model.selection)
         request_bytes = 0
-        if request is not None:
+        if request is not None and bool(request.any()):  # an empty request is not sent: no news covers nothing
             req = Message(MessageKind.REQUEST, views[0].sender, self.sequence, ego_time, views[0].T_world_from_agent,
                           self.grid, torch.nonzero(request.flatten(), as_tuple=True)[0].numpy())
             request_bytes = sum(len(p) for p in encode_message(req, self.cfg.channel.mtu, self._key(views[0].sender)))

@@ -1,10 +1,12 @@
 """Benchmarks that write the JSON report shape of DESIGN §5: AP per measured byte, and robustness.
 
 `bench_comm`: the baselines (ego-only, late, early, dense intermediate max, Where2comm-style sparse
-fp32 messages) under `methods`, and a sweep of selection thresholds x codebook sizes (with and
-without information filling) under `points`. `bench_robustness`: AP@0.5 of one operating point
-under packet loss, delay and pose noise. Both need the checkpoints the demo trains
-(`outputs/demo/train/{none,max}/best.pt`) and train one codebook per size on top of `max`.
+fp32 messages) under `methods`, a sweep of selection thresholds (with and without information
+filling) for the fp32 messages and for every codebook size under `points`, and under `comparisons`
+each codebook point against fp32 messages of equal AP, each filling point against plain
+thresholding. The ego-only, dense max, Where2comm-style and codebook models are all fine-tuned from
+the demo's checkpoints (`outputs/demo/train/{none,max}/best.pt`) with the same recipe, so they
+compare at equal training (early fusion is evaluated as the demo trained it). `bench_robustness`: AP@0.5 of one operating point under packet loss, delay and pose noise.
 """
 
 from __future__ import annotations
