@@ -166,7 +166,7 @@ def bench_comm_command(
     runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with none/, early/, max/ runs (from `demo`)."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
     thresholds: str = typer.Option("0.05,0.1,0.2,0.4", help="Selection thresholds to sweep."),
-    codebooks: str = typer.Option("2x1x256,4x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
+    codebooks: str = typer.Option("2x1x256,4x2x256,8x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
                                   "(one fine-tuned model each)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every benchmarked model (default: "
                                          "train.epochs of --config)."),
@@ -191,8 +191,8 @@ def bench_comm_command(
 def bench_robustness_command(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (its comm section "
                                 "is the operating point)."),
-    checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_4x2x256/best.pt"), help="Codebook checkpoint."),
-    ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/best.pt"), help="Ego-only checkpoint "
+    checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_8x2x256/last.pt"), help="Codebook checkpoint."),
+    ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/last.pt"), help="Ego-only checkpoint "
                                                   "for the reference line (default: the one `bench comm` fine-tunes)."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),

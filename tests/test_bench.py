@@ -40,7 +40,7 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     assert [(c["curve"], c["same_selection"]["curve"]) for c in filling] == [
         ("where2comm + filling", "where2comm"), ("codebook 2x1x16 + filling", "codebook 2x1x16")]
 
-    result = runner.invoke(app, ["bench", "robustness", "--checkpoint", str(out / "train" / "codebook_2x1x16" / "best.pt"),
+    result = runner.invoke(app, ["bench", "robustness", "--checkpoint", str(out / "train" / "codebook_2x1x16" / "last.pt"),
                                  "--ego-checkpoint", str(runs / "none" / "best.pt"), "--out", str(out), *sets])
     assert result.exit_code == 0, result.output
     rob = json.loads((out / "robustness.json").read_text())

@@ -2,7 +2,8 @@
 
 A cell's C-dim feature is split into m segments of C/m; each segment is quantized by r residual
 stages, each with its own K codes: stage s quantizes what stages < s left over. A cell is then
-m x r integers of log2 K bits. Training uses the straight-through estimator (gradients pass to the
+m x r integers of log2 K bits. Training starts from a k-means fit on the messages of many training
+samples (`fit`), then uses the straight-through estimator (gradients pass to the
 encoder as if quantization were the identity), a commitment loss pulling features towards their
 codes, codebooks updated by exponential moving averages of the assigned vectors, and dead codes
 (EMA usage below a threshold) re-seeded from vectors of the current batch.

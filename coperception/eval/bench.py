@@ -6,7 +6,8 @@ filling) for the fp32 messages and for every codebook size under `points`, and u
 each codebook point against fp32 messages of equal AP, each filling point against plain
 thresholding. The ego-only, dense max, Where2comm-style and codebook models are all fine-tuned from
 the demo's checkpoints (`outputs/demo/train/{none,max}/best.pt`) with the same recipe, so they
-compare at equal training (early fusion is evaluated as the demo trained it). `bench_robustness`: AP@0.5 of one operating point under packet loss, delay and pose noise.
+compare at equal training (early fusion is evaluated as the demo trained it).
+`bench_robustness`: AP@0.5 of one operating point under packet loss, delay and pose noise.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Pat
              codebook: tuple[int, int, int] | None = None) -> Path:
     """Continue the checkpoint `start` as `method` for `epochs` with the recipe of `cfg.train`, so every
     benchmarked model gets the same extra training; `codebook` (segments, stages, codes) starts fresh
-    codes on the messages. Returns best.pt (an existing one is reused)."""
+    codes on the messages. Returns last.pt, the end of that equal budget (best.pt is chosen on the
+    validation split, a single scenario here, and would add its selection noise); an existing one
+    is reused."""
     name = method if codebook is None else f"codebook_{codebook_name(codebook)}"
     frozen = cfg.train.freeze_detector and codebook is not None
-    target = out_dir / (name + ("_frozen" if frozen else "")) / "best.pt"
+    target = out_dir / (name + ("_frozen" if frozen else "")) / "last.pt"
     if target.is_file():
         log(f"reusing {target}")
         return target
