@@ -136,6 +136,9 @@ class ChannelConfig(Strict):
     jitter_ms: float = Field(0.0, ge=0)  # |N(0, sigma)| added per packet
     processing_ms: float = Field(0.0, ge=0)  # encode time before the first packet leaves
     fusion_deadline_ms: float = Field(50.0, ge=0)  # the ego fuses what has arrived this long after its capture
+    # the ego ignores messages captured longer ago than this (None: fuse the newest, however old);
+    # without motion compensation old features of moving cars can cost more than they add
+    max_message_age_ms: float | None = Field(None, gt=0)
     loss_rate: float = Field(0.0, ge=0, le=1)  # stationary Gilbert–Elliott packet loss
     mean_burst_packets: float = Field(2.0, ge=1)  # mean length of a loss burst
     pose_noise_m: float = Field(0.0, ge=0)  # sigma of the sender's reported x and y

@@ -71,6 +71,17 @@ def test_total_loss_falls_back_to_ego_only_and_delay_fuses_older_frames(codebook
     entry = evaluate_method(load_model(out / "last.pt", delayed), delayed, "test", "codebook", progress=False)
     # each test scenario has 3 frames at 10 Hz: only the last frame can use the first frame's messages
     assert entry["mean_fused_age_s"] == pytest.approx(0.2)
+    for max_age, fused in ((250.0, True), (150.0, False)):  # a 200 ms old message is fused only under 250 ms
+        capped = delayed.model_copy(deep=True)
+        capped.comm.channel.max_message_age_ms = max_age
+        result = evaluate_method(load_model(out / "last.pt", capped), capped, "test", "codebook", progress=False)
+        assert result["bytes_per_agent_frame"] == entry["bytes_per_agent_frame"]  # sent and received all the same
+        if fused:
+            assert result["mean_fused_age_s"] == pytest.approx(0.2) and result["ap"] == entry["ap"]
+        else:
+            assert result["mean_fused_age_s"] is None
+            for iou, ap in alone["ap"].items():  # nothing fused: the ego alone
+                assert result["ap"][iou] == pytest.approx(ap, abs=0.01)
 
 
 def test_signed_messages_verify_with_the_agents_keys(codebook_run):

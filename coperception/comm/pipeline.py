@@ -127,6 +127,9 @@ class CommSession:
             if tx is None:
                 continue
             self.queues[(scenario, view.sender)] = [t for t in queue if t.capture_time >= tx.capture_time]
+            max_age = self.cfg.channel.max_message_age_ms
+            if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
+                continue  # too old to help: the ego detects without this sender
             msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys if self.cfg.sign else None,
                                  codebook_hash=self.codebook_hash, require_auth=self.cfg.sign)
             f, arrived = self._rebuild(msg, feats.shape[1])

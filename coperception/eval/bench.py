@@ -172,6 +172,9 @@ def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Pa
     sweeps: dict[str, list[tuple[str, dict[str, Any]]]] = {
         "loss": [(f"{p}%", {"loss_rate": p / 100}) for p in (0, 10, 30, 50, 100)],
         "delay_ms": [(f"{d} ms", {"latency_ms": float(d)}) for d in (0, 100, 200, 400)],
+        # the same delays when the ego ignores messages older than 150 ms
+        "delay_ms_max_age_150": [(f"{d} ms", {"latency_ms": float(d), "max_message_age_ms": 150.0})
+                                 for d in (0, 100, 200, 400)],
         "pose_noise": [("0", {}), ("0.2 m / 0.2 deg", {"pose_noise_m": 0.2, "pose_noise_deg": 0.2}),
                        ("0.5 m / 1 deg", {"pose_noise_m": 0.5, "pose_noise_deg": 1.0})],
     }
