@@ -269,7 +269,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
         history.append(record)
         if ddp.main:
             tqdm.write(f"epoch {epoch}: step {step}, loss {record['loss']:.3f}"
-                      + (f", val AP@0.5 {record['val_ap50']:.3f}" if "val_ap50" in record else ""))
+                       + (f", val AP@0.5 {record['val_ap50']:.3f}" if "val_ap50" in record else ""))
         save(last_path, best)
     bar.close()
     if writer is not None:
