@@ -63,12 +63,16 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
                codebooks: Sequence[tuple[int, int, int]], epochs: int, log: Callable[[str], None] = print
                ) -> dict[str, Any]:
     """`checkpoints`: the demo's none / early / max runs. The ego-only, dense max, Where2comm-style and
-    codebook models are all fine-tuned from them for `epochs` with `cfg.train`'s recipe (equal budget);
+    codebook models are all fine-tuned from them with `cfg.train`'s recipe, `epochs` each (the ego-only
+    model `demo.fusion_epochs` more, which the demo's max model had already), so all have the same total;
     `codebooks`: (segments, stages, codes) per codebook to train and sweep."""
     split = cfg.dataset.eval_split
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     cache: dict = {}
-    tuned = {"none": finetune(cfg, "none", checkpoints["none"], out / "train", epochs, log, cache)} if "none" in checkpoints else {}
+    # the demo's fusion models already had `demo.fusion_epochs` on top of its ego-only model: the ego-only
+    # model gets those too, so every model compared here has the same total number of epochs
+    tuned = {"none": finetune(cfg, "none", checkpoints["none"], out / "train", epochs + cfg.demo.fusion_epochs, log, cache)
+             } if "none" in checkpoints else {}
     tuned["max"] = finetune(cfg, "max", checkpoints["max"], out / "train", epochs, log, cache)
     tuned["where2comm"] = finetune(cfg, "where2comm", checkpoints["max"], out / "train", epochs, log, cache)
     methods: dict[str, Any] = {}
