@@ -198,11 +198,9 @@ def bench_robustness_command(
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
 ) -> None:
     """AP@0.5 of codebook messages under packet loss, delay and pose noise."""
-    from coperception.config import load_config
-    from coperception.eval.bench import bench_robustness
-
     from coperception.checkpoint import load_checkpoint
-    from coperception.config import CodebookSettings
+    from coperception.config import CodebookSettings, load_config
+    from coperception.eval.bench import bench_robustness
 
     try:
         cfg = load_config(config, overrides)

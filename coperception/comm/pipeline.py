@@ -99,8 +99,7 @@ class CommSession:
         conf = model.head.confidence_map(feats)
         T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)) if len(views) > 1 \
             else torch.zeros(0, 4, 4)
-        assert model.selection is not None
-        masks, request = select_for_senders(conf[0], conf[1:], T_now, model.feature_grid, model.selection)
+        masks, request = select_for_senders(conf[0], conf[1:], T_now, model.feature_grid, self.cfg.selection)
         request_bytes = 0
         if request is not None and bool(request.any()):  # an empty request is not sent: no news covers nothing
             req = Message(MessageKind.REQUEST, views[0].sender, self.sequence, ego_time, views[0].T_world_from_agent,

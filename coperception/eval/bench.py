@@ -83,10 +83,12 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
         run = cfg.for_method(name)
         methods[name] = _eval(load_model(trained, run), run, name, split, data, log, name)
     points = []
+    # selection settings reach the comm session through each run's config: one model serves every point
+    fp32_model = load_model(tuned["where2comm"], cfg.for_method("where2comm"))
     for filling in (False, True):
         for threshold in thresholds:
             run = cfg.for_method("where2comm", selection={"threshold": threshold, "filling": filling})
-            entry = _eval(load_model(tuned["where2comm"], run), run, "where2comm", split, data, log,
+            entry = _eval(fp32_model, run, "where2comm", split, data, log,
                           f"where2comm thr={threshold} filling={filling}")
             entry["params"]["curve"] = "where2comm" + (" + filling" if filling else "")
             points.append(entry)
@@ -95,11 +97,12 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
     for spec in codebooks:
         name = codebook_name(spec)
         checkpoint = finetune(cfg, "codebook", checkpoints["max"], out / "train", epochs, log, cache, codebook=spec)
+        shape = dict(zip(("segments", "stages", "codes"), spec))
+        model = load_model(checkpoint, cfg.for_method("codebook", codebook=shape))
         for filling in (False, True):
             for threshold in thresholds:
-                run = cfg.for_method("codebook", selection={"threshold": threshold, "filling": filling},
-                                  codebook=dict(zip(("segments", "stages", "codes"), spec)))
-                entry = _eval(load_model(checkpoint, run), run, "codebook", split, data, log,
+                run = cfg.for_method("codebook", selection={"threshold": threshold, "filling": filling}, codebook=shape)
+                entry = _eval(model, run, "codebook", split, data, log,
                               f"codebook {name} thr={threshold} filling={filling}")
                 entry["params"]["curve"] = f"codebook {name}" + (" + filling" if filling else "")
                 points.append(entry)
@@ -183,11 +186,12 @@ def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Pa
                        ("0.5 m / 1 deg", {"pose_noise_m": 0.5, "pose_noise_deg": 1.0})],
     }
     results: dict[str, list[dict[str, Any]]] = {}
+    model = load_model(checkpoint, cfg.for_method("codebook"))  # channel settings live in each run's config
     for sweep, settings in sweeps.items():
         results[sweep] = []
         for label, channel in settings:
             run = cfg.for_method("codebook", channel=channel)
-            entry = _eval(load_model(checkpoint, run), run, "codebook", split, data, log, f"{sweep} {label}")
+            entry = _eval(model, run, "codebook", split, data, log, f"{sweep} {label}")
             entry["params"]["setting"] = label
             results[sweep].append(entry)
     methods = {}
