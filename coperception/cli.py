@@ -163,13 +163,14 @@ def _codebook_specs(text: str) -> list[tuple[int, int, int]]:
 def bench_comm_command(
     config: Path = typer.Option(Path("configs/synthetic_codebook.yaml"), "--config", help="Experiment YAML; its train "
                                 "section is the fine-tuning recipe of every benchmarked model."),
-    runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with none/, early/, max/ runs (from `demo`)."),
+    runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with the max/ (and early/) runs of `demo`; "
+                       "every benchmarked model starts from max/best.pt."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
     thresholds: str = typer.Option("0.05,0.1,0.2,0.4", help="Selection thresholds to sweep."),
     codebooks: str = typer.Option("2x1x256,4x2x256,8x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
                                   "(one fine-tuned model each)."),
-    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every benchmarked model, the ego-only "
-                                         "one demo.fusion_epochs more (default: train.epochs of --config)."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every benchmarked model "
+                                         "(default: train.epochs of --config)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """AP@0.5 vs measured bytes: baselines, Where2comm-style fp32 messages and codebook messages."""
@@ -178,7 +179,7 @@ def bench_comm_command(
 
     try:
         cfg = load_config(config, overrides)
-        checkpoints = {m: runs / m / "best.pt" for m in ("none", "early", "max") if (runs / m / "best.pt").is_file()}
+        checkpoints = {m: runs / m / "best.pt" for m in ("early", "max") if (runs / m / "best.pt").is_file()}
         if "max" not in checkpoints:
             raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
         bench_comm(cfg, checkpoints, out, _float_list(thresholds), _codebook_specs(codebooks),

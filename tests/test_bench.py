@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from coperception.checkpoint import load_checkpoint
 from coperception.cli import app
 from coperception.eval.bench import equal_ap_comparisons
 from coperception.train import train
@@ -16,8 +17,7 @@ from test_train import TINY
 
 def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     runs = tmp_path / "runs"
-    for method in ("none", "max"):
-        train(comm_config(opv2v_set, runs / method, f"fusion.method={method}", "train.max_steps=2"), progress=False)
+    train(comm_config(opv2v_set, runs / "max", "fusion.method=max", "train.max_steps=2"), progress=False)
     sets = [a for s in [f"dataset.root={opv2v_set.root}", "dataset.eval_split=test", "dataset.val_split=test",
                         "dataset.train_split=test", "train.max_steps=2", *TINY] for a in ("--set", s)]
     out = tmp_path / "bench"
@@ -28,6 +28,9 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     rep = json.loads((out / "comm.json").read_text())
     assert {"protocol", "dataset", "split", "frames", "methods", "points"} <= set(rep)
     assert set(rep["methods"]) == {"none", "late", "max", "where2comm"}
+    for name in ("none", "max", "where2comm", "codebook_2x1x16"):  # one start and one recipe for all
+        stored = load_checkpoint(out / "train" / name / "last.pt")["config"]["train"]
+        assert (stored["init_from"], stored["epochs"]) == (str(runs / "max" / "best.pt"), 1)
     for entry in [*rep["methods"].values(), *rep["points"]]:
         assert set(entry["ap"]) == {"0.3", "0.5", "0.7"} and "bytes_per_agent_frame" in entry and "ms" in entry
     curves = {p["params"]["curve"] for p in rep["points"]}
@@ -41,7 +44,7 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
         ("where2comm + filling", "where2comm"), ("codebook 2x1x16 + filling", "codebook 2x1x16")]
 
     result = runner.invoke(app, ["bench", "robustness", "--checkpoint", str(out / "train" / "codebook_2x1x16" / "last.pt"),
-                                 "--ego-checkpoint", str(runs / "none" / "best.pt"), "--out", str(out), *sets])
+                                 "--ego-checkpoint", str(out / "train" / "none" / "last.pt"), "--out", str(out), *sets])
     assert result.exit_code == 0, result.output
     rob = json.loads((out / "robustness.json").read_text())
     assert [len(rob["sweeps"][k]) for k in ("loss", "delay_ms", "pose_noise")] == [5, 4, 3]
