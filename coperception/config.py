@@ -223,6 +223,10 @@ class TrainConfig(Strict):
     # feature fusions: drop each sender's whole message with this probability in training, so
     # the model keeps detecting well alone when messages are lost
     message_dropout: float = Field(0.0, ge=0, lt=1)
+    # feature fusions: weight of a second detection loss on the ego's own, unfused features (what the
+    # ego detects when no message arrives), next to the loss on the fused features (single-agent
+    # supervision as in CoAlign/HEAL); trains the fallback path at every step for one extra head pass
+    ego_loss_weight: float = Field(0.0, ge=0)
 
 
 class EvalConfig(Strict):

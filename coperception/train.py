@@ -154,6 +154,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
     if cfg.train.init_from and not resume:
         init_weights(model, cfg.train.init_from, cfg)
     model.message_dropout = cfg.train.message_dropout
+    model.ego_supervision = cfg.train.ego_loss_weight > 0
     anchors = model.anchors_np
     freeze = cfg.train.freeze_detector
     if freeze:
@@ -236,6 +237,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
             if out.aux_loss is not None:
                 losses["total"] = losses["total"] + out.aux_loss
                 losses["aux"] = out.aux_loss.detach()
+            if out.ego_alone is not None:
+                alone = detection_loss(out.ego_alone, targets.labels, targets.residuals, targets.direction, weights)
+                losses["total"] = losses["total"] + cfg.train.ego_loss_weight * alone["total"]
+                losses["ego_alone"] = alone["total"].detach()
             optimizer.zero_grad(set_to_none=True)
             if losses["total"].requires_grad:
                 losses["total"].backward()

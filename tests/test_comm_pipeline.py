@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -128,6 +129,36 @@ def test_message_dropout_trains_and_never_drops_the_ego(opv2v_set, tmp_path):
     kept = torch.stack([model._dropped_messages(batch, feats)[:, 0, 0] for _ in range(200)])
     assert kept[:, 0].all()  # the ego always keeps its own view
     assert 0.0 < kept[:, 1:].float().mean() < 0.1  # 0.9 alone, else half of the senders dropped
+
+
+def test_ego_supervision_is_the_head_on_the_ego_view_alone(opv2v_set, tmp_path):
+    cfg = comm_config(opv2v_set, tmp_path / "ego", "fusion.method=codebook", "train.max_steps=2",
+                      "train.ego_loss_weight=1.0")
+    summary = train(cfg, progress=False)
+    assert summary["steps"] == 2 and np.isfinite(summary["history"][-1]["loss"])
+    without = train(comm_config(opv2v_set, tmp_path / "fused", "fusion.method=codebook", "train.max_steps=2"),
+                    progress=False)
+    # the same seeded run plus a second detection loss of similar size
+    assert summary["history"][-1]["loss"] > 1.3 * without["history"][-1]["loss"]
+    from coperception.datasets.collate import collate, prepare_sample
+    from coperception.datasets.cooperative import build_dataset
+
+    samples = [prepare_sample(build_dataset(cfg.dataset, "test")[i], "projected", cfg.dataset, cfg.model, None)
+               for i in (0, 1)]
+    full, _, _ = collate(samples)
+    ego_only, _, _ = collate([dataclasses.replace(s, agents=s.agents[:1]) for s in samples])
+    model = load_model(tmp_path / "ego" / "last.pt", cfg)
+    model.ego_supervision = True
+    model.train()
+    for module in model.modules():  # keep BatchNorm statistics fixed so both passes see the same network
+        if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            module.eval()
+    with torch.no_grad():
+        trained = model(full).ego_alone
+        model.eval()
+        assert model(full).ego_alone is None  # inference never pays for it
+        alone = model(ego_only)
+    assert torch.allclose(trained.cls, alone.cls, atol=1e-5) and not torch.allclose(trained.cls, model(full).cls)
 
 
 def test_filling_request_is_measured_and_an_empty_one_is_not_sent(codebook_run):

@@ -42,6 +42,7 @@ class PointPillars(nn.Module):
         self.head = AnchorHead(self.backbone.out_channels, len(yaws))
         self.selection = comm.selection if comm is not None else None
         self.message_dropout = 0.0  # set by training (TrainConfig.message_dropout)
+        self.ego_supervision = False  # set by training (TrainConfig.ego_loss_weight > 0)
         self.quantizer: ResidualVQ | None = None
         if codebook:
             if comm is None:
@@ -125,13 +126,18 @@ class PointPillars(nn.Module):
     def forward(self, batch: AgentBatch) -> HeadOutput:
         feats = self.encode(batch)
         kept = self._dropped_messages(batch, feats)
+        alone = None
+        if self.training and self.ego_supervision and self.fusion is not None:
+            alone = self.head(feats[batch.ego_index.to(feats.device)])
         if self.selection is None:
-            return self.head(self.fuse(feats, batch, kept))
-        feats, arrived, aux = self.sparsify(feats, batch)
-        if kept is not None:
-            arrived = arrived & kept
-        out = self.head(self.fuse(feats, batch, arrived))
-        out.aux_loss = aux
+            out = self.head(self.fuse(feats, batch, kept))
+        else:
+            feats, arrived, aux = self.sparsify(feats, batch)
+            if kept is not None:
+                arrived = arrived & kept
+            out = self.head(self.fuse(feats, batch, arrived))
+            out.aux_loss = aux
+        out.ego_alone = alone
         return out
 
     def forward_each_view(self, batch: AgentBatch) -> HeadOutput:
