@@ -155,7 +155,9 @@ def test_real_data_configs_train_one_step_on_simulated_data(method, opv2v_set, d
 def test_torchrun_two_processes_ddp(opv2v_set, tmp_path):
     cfg_path = tmp_path / "ddp.yaml"
     cfg = {"dataset": {"root": str(opv2v_set.root), "train_split": "test", "val_split": "test", "eval_split": "test"},
-           "fusion": {"method": "max"}, "train": {"out_dir": str(tmp_path / "ddp"), "epochs": 1}}
+           "fusion": {"method": "max"},
+           # the ego-alone loss runs the shared head twice per step: DDP's gradient reduction must take it
+           "train": {"out_dir": str(tmp_path / "ddp"), "epochs": 1, "ego_loss_weight": 1.0}}
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sets = [a for s in TINY for a in ("--set", s)]
