@@ -59,6 +59,10 @@ class ResidualVQ(nn.Module):
                 + book.pow(2).sum(-1)[None])
         return dist.argmin(dim=-1)
 
+    def _nearest_chunked(self, residual: torch.Tensor, stage: int, chunk: int) -> torch.Tensor:
+        """`_nearest` over `chunk` vectors at a time: the (N, m, K) distances of a k-means set would not fit."""
+        return torch.cat([self._nearest(part, stage) for part in residual.split(chunk)])
+
     def _lookup(self, stage: int, index: torch.Tensor) -> torch.Tensor:
         """(N, m) indices -> (N, m, d) code vectors of `stage`."""
         seg = torch.arange(self.segments, device=index.device)[None, :].expand_as(index)
@@ -81,7 +85,7 @@ class ResidualVQ(nn.Module):
                 pick = torch.randint(0, len(residual), (self.codes,), generator=generator)
             self.codebook[:, s] = residual[pick].transpose(0, 1)
             for _ in range(iterations):
-                index = torch.cat([self._nearest(part, s) for part in residual.split(chunk)])
+                index = self._nearest_chunked(residual, s, chunk)
                 onehot = torch.nn.functional.one_hot(index, self.codes).to(residual.dtype)  # (N, m, K)
                 count = onehot.sum(0)
                 total = torch.einsum("nmk,nmd->mkd", onehot, residual)
@@ -91,8 +95,7 @@ class ResidualVQ(nn.Module):
                     total[seg_idx, code_idx] = residual[torch.randint(0, len(residual), (len(seg_idx),), generator=generator), seg_idx]
                     count[seg_idx, code_idx] = 1.0
                 self.codebook[:, s] = total / count[..., None]
-            index = torch.cat([self._nearest(part, s) for part in residual.split(chunk)])
-            residual = residual - self._lookup(s, index)
+            residual = residual - self._lookup(s, self._nearest_chunked(residual, s, chunk))
         self.ema_sum.copy_(self.codebook)
         self.ema_count.fill_(1.0)
         self.initialised.fill_(True)

@@ -27,6 +27,11 @@ def codebook_name(spec: tuple[int, int, int]) -> str:
     return "x".join(str(v) for v in spec)
 
 
+def codebook_shape(spec: tuple[int, int, int]) -> dict[str, int]:
+    """(segments, stages, codes) -> the `comm.codebook` settings it names."""
+    return dict(zip(("segments", "stages", "codes"), spec))
+
+
 def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Path, epochs: int,
              log: Callable[[str], None], sample_cache: dict | None = None,
              codebook: tuple[int, int, int] | None = None) -> Path:
@@ -41,7 +46,7 @@ def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Pat
     if target.is_file():
         log(f"reusing {target}")
         return target
-    sections = {"codebook": dict(zip(("segments", "stages", "codes"), codebook))} if codebook else {}
+    sections = {"codebook": codebook_shape(codebook)} if codebook else {}
     run = cfg.for_method(method, train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
                                         "freeze_detector": frozen}, **sections)
     log(f"fine-tuning {target.parent.name} from {start} ({epochs} epochs)")
@@ -82,30 +87,28 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
             continue
         run = cfg.for_method(name)
         methods[name] = _eval(load_model(trained, run), run, name, split, data, log, name)
-    points = []
-    # selection settings reach the comm session through each run's config: one model serves every point
-    fp32_model = load_model(tuned["where2comm"], cfg.for_method("where2comm"))
-    for filling in (False, True):
-        for threshold in thresholds:
-            run = cfg.for_method("where2comm", selection={"threshold": threshold, "filling": filling})
-            entry = _eval(fp32_model, run, "where2comm", split, data, log,
-                          f"where2comm thr={threshold} filling={filling}")
-            entry["params"]["curve"] = "where2comm" + (" + filling" if filling else "")
-            points.append(entry)
-            if threshold == cfg.comm.selection.threshold and not filling:
-                methods["where2comm"] = entry
-    for spec in codebooks:
-        name = codebook_name(spec)
-        checkpoint = finetune(cfg, "codebook", checkpoints["max"], out / "train", epochs, log, cache, codebook=spec)
-        shape = dict(zip(("segments", "stages", "codes"), spec))
-        model = load_model(checkpoint, cfg.for_method("codebook", codebook=shape))
+
+    def sweep(checkpoint: Path, method: str, curve: str, **sections: Any) -> list[dict[str, Any]]:
+        """Every threshold, without and with filling. Selection settings reach the comm session through
+        each run's config, so one loaded model serves every point."""
+        model = load_model(checkpoint, cfg.for_method(method, **sections))
+        entries = []
         for filling in (False, True):
             for threshold in thresholds:
-                run = cfg.for_method("codebook", selection={"threshold": threshold, "filling": filling}, codebook=shape)
-                entry = _eval(model, run, "codebook", split, data, log,
-                              f"codebook {name} thr={threshold} filling={filling}")
-                entry["params"]["curve"] = f"codebook {name}" + (" + filling" if filling else "")
-                points.append(entry)
+                run = cfg.for_method(method, selection={"threshold": threshold, "filling": filling}, **sections)
+                entry = _eval(model, run, method, split, data, log, f"{curve} thr={threshold} filling={filling}")
+                entry["params"]["curve"] = curve + (" + filling" if filling else "")
+                entries.append(entry)
+        return entries
+
+    points = sweep(tuned["where2comm"], "where2comm", "where2comm")
+    for entry in points:
+        selection = entry["params"]["selection"]
+        if selection["threshold"] == cfg.comm.selection.threshold and not selection["filling"]:
+            methods["where2comm"] = entry
+    for spec in codebooks:
+        checkpoint = finetune(cfg, "codebook", checkpoints["max"], out / "train", epochs, log, cache, codebook=spec)
+        points += sweep(checkpoint, "codebook", f"codebook {codebook_name(spec)}", codebook=codebook_shape(spec))
     rep = report({k: {**v, "frames": len(data)} for k, v in methods.items()}, f"{cfg.dataset.format}:{cfg.dataset.root}",
                  split)
     rep["points"] = points
