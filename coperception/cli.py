@@ -57,7 +57,7 @@ def inspect(
     import json
 
     from coperception.config import load_config
-    from coperception.datasets.cooperative import build_dataset
+    from coperception.datasets.readers import build_dataset
     from coperception.datasets.stats import visibility_stats
     from coperception.io import write_json
 
@@ -84,10 +84,12 @@ def train(
 
     from coperception.config import load_config
     from coperception.io import write_json
+    from coperception.pipeline.model import validate_config
     from coperception.train import train as run_training
 
     try:
         cfg = load_config(config, overrides)
+        validate_config(cfg)
         summary = run_training(cfg, resume=resume, progress=progress)
     except CoperceptionError as exc:
         _fail(exc)
@@ -102,8 +104,8 @@ def evaluate(
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: dataset.eval_split)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML (default: the one stored in "
                                           "the checkpoint)."),
-    method: Optional[str] = typer.Option(None, help="Cooperation method (default: the one the checkpoint was "
-                                         "trained for); e.g. `late` with an ego-only checkpoint."),
+    strategy: Optional[str] = typer.Option(None, help="Cooperation strategy (default: the one the checkpoint was "
+                                           "trained for); e.g. `late` with an ego-only checkpoint."),
     out: Optional[Path] = typer.Option(None, help="JSON report path (default: next to the checkpoint)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N frames."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
@@ -113,7 +115,7 @@ def evaluate(
     from coperception.config import config_from_dict, load_config
     from coperception.evaluate import evaluate_method, format_table, report
     from coperception.io import write_json
-    from coperception.train import load_model
+    from coperception.pipeline.model import load_model, method_label
 
     try:
         if config is not None:
@@ -123,12 +125,12 @@ def evaluate(
             if not isinstance(stored, dict):
                 raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
             cfg = config_from_dict(stored, overrides, f"{checkpoint} (stored config)")
-        name = method or cfg.fusion.method
-        if method:
-            cfg = cfg.for_method(method)
+        if strategy:
+            cfg = cfg.variant(strategy=strategy)
+        name = method_label(cfg)
         model = load_model(checkpoint, cfg)
         chosen = split or cfg.dataset.eval_split
-        entry = evaluate_method(model, cfg, chosen, name, limit=limit)
+        entry = evaluate_method(model, cfg, chosen, limit=limit)
         rep = report({name: entry}, f"{cfg.dataset.format}:{cfg.dataset.root}", chosen)
         target = out or checkpoint.with_name(f"eval_{name}_{chosen}.json")
         write_json(target, rep)
@@ -175,7 +177,7 @@ def bench_comm_command(
 ) -> None:
     """AP@0.5 vs measured bytes: baselines, Where2comm-style fp32 messages and codebook messages."""
     from coperception.config import load_config
-    from coperception.eval.bench import bench_comm
+    from coperception.bench import bench_comm
 
     try:
         cfg = load_config(config, overrides)
@@ -201,7 +203,7 @@ def bench_robustness_command(
     """AP@0.5 of codebook messages under packet loss, delay and pose noise."""
     from coperception.checkpoint import load_checkpoint
     from coperception.config import CodebookSettings, load_config
-    from coperception.eval.bench import bench_robustness
+    from coperception.bench import bench_robustness
 
     try:
         cfg = load_config(config, overrides)

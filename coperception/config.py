@@ -22,6 +22,10 @@ OPV2V_EVAL_RANGE = [-140.0, -40.0, -3.0, 140.0, 40.0, 1.0]
 DAIR_RANGE = [-102.4, -51.2, -3.5, 102.4, 51.2, 1.5]
 
 
+AGENT_KIND_KEYS = ("default", "vehicle", "rsu")
+BASELINE_STRATEGIES = ("none", "early", "late")  # the cooperation strategies that send no BEV features
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -104,7 +108,9 @@ class ModelConfig(Strict):
     """PointPillars detector. Defaults are the small CPU preset for the synthetic world; the
     published OPV2V preset is voxel 0.4 m, 64 PFN channels, layers [3, 5, 5], filters [64, 128, 256]."""
 
-    name: Literal["pointpillars"] = "pointpillars"
+    # the BEV encoder of each agent kind (`vehicle`, `rsu`; `default` for kinds not listed), by its
+    # registered name; kinds naming the same encoder share one set of its weights
+    encoders: dict[str, str] = Field(default_factory=lambda: {"default": "pointpillars"})
     voxel_size: tuple[float, float, float] = (0.8, 0.8, 4.0)
     max_points_per_voxel: int = Field(32, ge=1)
     max_voxels: int = Field(32000, ge=1)
@@ -125,6 +131,10 @@ class ModelConfig(Strict):
             raise ValueError("layers, strides, filters and upsample_filters must have the same length")
         if self.neg_iou > self.pos_iou:
             raise ValueError("neg_iou must not exceed pos_iou")
+        unknown = sorted(set(self.encoders) - set(AGENT_KIND_KEYS))
+        if unknown or "default" not in self.encoders:
+            raise ValueError(f"encoders: keys are agent kinds {list(AGENT_KIND_KEYS)} and must include 'default'"
+                             + (f"; unknown {unknown}" if unknown else ""))
         return self
 
 
@@ -182,8 +192,11 @@ class CodebookSettings(Strict):
 
 
 class CommConfig(Strict):
-    """What is sent between agents and over which channel."""
+    """What is sent between agents and over which channel (intermediate cooperation)."""
 
+    # message codec: `dense` the whole fp32 BEV map (delivered without the channel), `sparse` the
+    # selected cells as fp32 (Where2comm-style), `codebook` the selected cells as residual-codebook codes
+    codec: str = "dense"
     max_agents: int = Field(5, ge=1)
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     codebook: CodebookSettings = Field(default_factory=CodebookSettings)
@@ -191,14 +204,40 @@ class CommConfig(Strict):
     sign: bool = False  # HMAC-SHA256 on every packet with a per-agent key
 
 
-class FusionConfig(Strict):
-    """`none` ego only, `early` raw points, `late` boxes + NMS, `max` / `mean` intermediate dense fp32
-    features, `where2comm` selected cells as fp32, `codebook` selected cells as codebook codes."""
+class CooperationConfig(Strict):
+    """What agents share: `none` (ego only), `early` (raw points), `late` (boxes + NMS) or
+    `intermediate` (BEV features coded by `comm.codec`, fused by `fusion.method`)."""
 
-    method: Literal["none", "early", "late", "max", "mean", "where2comm", "codebook"] = "max"
-    # feature fusions: each sender encodes its points moved into the ego frame (OpenCOOD `proj_first`);
+    strategy: str = "intermediate"
+    # intermediate: each sender encodes its points moved into the ego frame (OpenCOOD `proj_first`);
     # false: it encodes in its own frame and the ego rotates the feature map (yaw then differs per agent)
     project_first: bool = True
+
+
+LEGACY_METHODS = {
+    "none": "cooperation.strategy: none", "early": "cooperation.strategy: early", "late": "cooperation.strategy: late",
+    "where2comm": "cooperation.strategy: intermediate, comm.codec: sparse, fusion.method: max",
+    "codebook": "cooperation.strategy: intermediate, comm.codec: codebook, fusion.method: max",
+}
+
+
+class FusionConfig(Strict):
+    """The feature fusion of intermediate cooperation (`max`, `mean`, `attention`, ...) and its
+    hyperparameters (`options`, checked against the fusion's own settings)."""
+
+    method: str = "max"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if data.get("method") in LEGACY_METHODS:
+                raise ValueError(f"fusion.method {data['method']!r} is now a combination of sections: write "
+                                 f"{LEGACY_METHODS[data['method']]}")
+            if "project_first" in data:
+                raise ValueError("fusion.project_first moved to cooperation.project_first")
+        return data
 
 
 class TrainConfig(Strict):
@@ -220,10 +259,10 @@ class TrainConfig(Strict):
     # codebook methods: keep every detector weight (and BatchNorm statistic) of `init_from` and only
     # fit the codebook (its EMA updates need no gradients)
     freeze_detector: bool = False
-    # feature fusions: drop each sender's whole message with this probability in training, so
+    # intermediate cooperation: drop each sender's whole message with this probability in training, so
     # the model keeps detecting well alone when messages are lost
     message_dropout: float = Field(0.0, ge=0, lt=1)
-    # feature fusions: weight of a second detection loss on the ego's own, unfused features (what the
+    # intermediate cooperation: weight of a second detection loss on the ego's own, unfused features (what the
     # ego detects when no message arrives), next to the loss on the fused features (single-agent
     # supervision as in CoAlign/HEAL); trains the fallback path at every step for one extra head pass
     ego_loss_weight: float = Field(0.0, ge=0)
@@ -236,18 +275,21 @@ class EvalConfig(Strict):
 
 
 class DemoConfig(Strict):
-    """What `coperception demo` trains and evaluates: an ego-only model, then each feature/point fusion
-    fine-tuned from it; `late` reuses the ego-only model on every agent."""
+    """What `coperception demo` trains and evaluates."""
 
     ego_epochs: int = Field(6, ge=1)
     fusion_epochs: int = Field(3, ge=1)
-    fusion_methods: list[Literal["early", "max", "mean"]] = Field(default_factory=lambda: ["early", "max"])
-    eval_methods: list[Literal["none", "early", "late", "max", "mean"]] = Field(
-        default_factory=lambda: ["none", "late", "early", "max"])
+    # `early`, or a fusion name (intermediate cooperation with dense fp32 features), each fine-tuned
+    # from the ego-only model; `none` and `late` are evaluated with the ego-only model itself
+    fusion_methods: list[str] = Field(default_factory=lambda: ["early", "max"])
+    eval_methods: list[str] = Field(default_factory=lambda: ["none", "late", "early", "max"])
 
     @model_validator(mode="after")
     def _trained(self) -> "DemoConfig":
         missing = [m for m in self.eval_methods if m not in ("none", "late", *self.fusion_methods)]
+        baseline = [m for m in self.fusion_methods if m in ("none", "late")]
+        if baseline:
+            raise ValueError(f"fusion_methods {baseline}: none and late use the ego-only model, which is always trained")
         if missing:
             raise ValueError(f"eval_methods {missing} are not trained; add them to fusion_methods")
         return self
@@ -257,17 +299,24 @@ class ExperimentConfig(Strict):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     simulator: SimulatorConfig = Field(default_factory=SimulatorConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    cooperation: CooperationConfig = Field(default_factory=CooperationConfig)
     comm: CommConfig = Field(default_factory=CommConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     demo: DemoConfig = Field(default_factory=DemoConfig)
 
-    def for_method(self, method: str, train: dict[str, Any] | None = None, **comm: dict[str, Any]) -> "ExperimentConfig":
-        """A validated copy for cooperation `method`, with `train` fields and comm sections
-        (`selection=`, `codebook=`, `channel=` dicts of fields) updated."""
+    def variant(self, strategy: str | None = None, codec: str | None = None, fusion: str | None = None,
+                train: dict[str, Any] | None = None, **comm: dict[str, Any]) -> "ExperimentConfig":
+        """A validated copy with another cooperation strategy / message codec / fusion method, `train`
+        fields and comm sections (`selection=`, `codebook=`, `channel=` dicts of fields) updated."""
         data = self.model_dump()
-        data["fusion"]["method"] = method
+        if strategy is not None:
+            data["cooperation"]["strategy"] = strategy
+        if codec is not None:
+            data["comm"]["codec"] = codec
+        if fusion is not None:
+            data["fusion"]["method"] = fusion
         data["train"].update(train or {})
         for section, values in comm.items():
             data["comm"][section].update(values)

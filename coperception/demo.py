@@ -6,23 +6,29 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from coperception.config import ExperimentConfig
-from coperception.datasets.cooperative import InMemoryDataset, build_dataset
+from coperception.config import BASELINE_STRATEGIES, ExperimentConfig
+from coperception.datasets.readers import InMemoryDataset, build_dataset
 from coperception.datasets.sim import simulate as run_simulation
 from coperception.datasets.stats import visibility_stats
 from coperception.evaluate import evaluate_method, format_table, report
 from coperception.io import write_json
-from coperception.train import load_model, train
+from coperception.pipeline.model import load_model, validate_config
+from coperception.train import train
 from coperception.viz.bev import plot_sample_bev
 
 
 def _with(cfg: ExperimentConfig, method: str, out_dir: Path, epochs: int, init_from: str | None) -> ExperimentConfig:
-    return cfg.for_method(method, train={"out_dir": str(out_dir), "epochs": epochs, "init_from": init_from})
+    """`method`: a baseline strategy (none / early / late) or a fusion over dense fp32 features."""
+    run = {"out_dir": str(out_dir), "epochs": epochs, "init_from": init_from}
+    if method in BASELINE_STRATEGIES:
+        return cfg.variant(strategy=method, train=run)
+    return cfg.variant(strategy="intermediate", codec="dense", fusion=method, train=run)
 
 
 def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every stage and write `out/report.json` (DESIGN §5 shape plus visibility and training summaries)
     and `out/bev_test_frame.png`. Returns the report."""
+    validate_config(cfg)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     root = Path(cfg.dataset.root)
@@ -59,7 +65,7 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
         trained_as = "none" if method == "late" else method  # late fusion runs the ego-only detector on every agent
         method_cfg = _with(cfg, method, runs / trained_as, 1, None)
         model = load_model(checkpoints[trained_as], method_cfg)
-        entries[method] = evaluate_method(model, method_cfg, cfg.dataset.eval_split, method, keep_detections=True,
+        entries[method] = evaluate_method(model, method_cfg, cfg.dataset.eval_split, keep_detections=True,
                                           dataset=test_set)
         frame_detections[method] = entries[method]["_detections"]
     timings["evaluate"] = time.perf_counter() - t0

@@ -12,42 +12,42 @@ from tqdm import tqdm
 
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import collate
-from coperception.datasets.cooperative import CooperativeDataset, build_dataset
+from coperception.datasets.cooperative import CooperativeDataset
+from coperception.datasets.prepared import PreparedDataset
+from coperception.datasets.readers import build_dataset
 from coperception.eval.ap import PROTOCOL, APAccumulator
-from coperception.fusion.methods import detect, get_method, input_mode
-from coperception.models.detector import PointPillars
+from coperception.pipeline.model import CooperativeModel, method_label
+from coperception.pipeline.session import CommSession
 
 
-def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, method_name: str, progress: bool = True,
+def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, progress: bool = True,
                     limit: int | None = None, keep_detections: bool = False,
                     dataset: CooperativeDataset | None = None) -> dict[str, Any]:
-    """One method entry of the report shape of DESIGN §5 (plus `frames`); `dataset` replaces the
-    reader for `split` (e.g. samples already in memory)."""
-    from coperception.train import PreparedDataset  # shares the input preparation with training
-
-    method = get_method(method_name)
+    """One method entry of the report shape of DESIGN §5 (plus `frames`) for the cooperation of `model`
+    (built from `cfg`, whose comm section also gives the channel); `dataset` replaces the reader for
+    `split` (e.g. samples already in memory)."""
+    strategy = model.strategy
+    label = method_label(cfg)
     inner = dataset if dataset is not None else build_dataset(cfg.dataset, split)
-    data = PreparedDataset(inner, cfg, input_mode(method, cfg.fusion.project_first, training=False), None, augment=False)
+    data = PreparedDataset(inner, cfg.dataset, cfg.model, strategy.input_mode(False, cfg.cooperation.project_first))
     indices = list(range(len(data)))[: limit or None]
     loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=1, collate_fn=collate,
                         num_workers=cfg.train.num_workers)
     acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds))
     was_training = model.training
     model.eval()
-    session = None
-    if method.sparse:
-        from coperception.comm.pipeline import CommSession
-
-        session = CommSession(model, cfg.comm, codes=method.message == "codes")
+    session = CommSession(model, cfg.comm) if strategy.sends_features else None
+    sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, request_bytes, fused_ages = [], [], [], []
     model_ms = []
     load_ms = []
     kept = []
     t_load = time.perf_counter()
-    for batch, _, prepared in tqdm(loader, desc=f"eval {method.name}", disable=not progress):
+    device = next(model.parameters()).device
+    for batch, _, prepared in tqdm(loader, desc=f"eval {label}", disable=not progress):
         load_ms.append((time.perf_counter() - t_load) * 1e3)
         t0 = time.perf_counter()
-        out = detect(model, method, batch, prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold, session)
+        out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold, session)
         model_ms.append((time.perf_counter() - t0) * 1e3)
         for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):
             acc.add(dets.boxes, dets.scores, p.gt_boxes)
@@ -70,11 +70,10 @@ def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, meth
         "log2_bytes_per_frame": float(np.log2(np.mean(sent_per_frame))) if sent_per_frame and np.mean(sent_per_frame) > 0 else None,
         "ms": {"load_and_voxelize": float(np.mean(load_ms)) if load_ms else 0.0,
                "detect_and_serialize": float(np.mean(model_ms)) if model_ms else 0.0},
-        "params": {"method": method.name, "message": method.message, "description": method.description,
-                   **(_comm_params(cfg, method.message) if method.sparse else {})},
+        "params": {"method": label, **_cooperation_params(cfg)},
         "frames": len(indices),
     }
-    if method.sparse:
+    if sparse:
         entry["request_bytes_per_frame"] = float(np.mean(request_bytes)) if request_bytes else 0.0
         entry["mean_fused_age_s"] = float(np.mean(fused_ages)) if fused_ages else None
     if keep_detections:
@@ -82,10 +81,16 @@ def evaluate_method(model: PointPillars, cfg: ExperimentConfig, split: str, meth
     return entry
 
 
-def _comm_params(cfg: ExperimentConfig, message: str) -> dict[str, Any]:
-    params: dict[str, Any] = {"selection": cfg.comm.selection.model_dump(mode="json"),
-                              "channel": cfg.comm.channel.model_dump(mode="json")}
-    if message == "codes":
+def _cooperation_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config sections that define the evaluated cooperation (comm settings only where they apply)."""
+    params: dict[str, Any] = {"strategy": cfg.cooperation.strategy}
+    if cfg.cooperation.strategy != "intermediate":
+        return params
+    params.update(codec=cfg.comm.codec, fusion=cfg.fusion.model_dump(mode="json"),
+                  project_first=cfg.cooperation.project_first)
+    if cfg.comm.codec != "dense":
+        params.update(selection=cfg.comm.selection.model_dump(mode="json"), channel=cfg.comm.channel.model_dump(mode="json"))
+    if cfg.comm.codec == "codebook":
         params["codebook"] = cfg.comm.codebook.model_dump(mode="json")
     return params
 

@@ -5,96 +5,28 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from coperception.checkpoint import CheckpointError, check_architecture, load_checkpoint, load_state_strict, save_checkpoint
 from coperception.config import ExperimentConfig
-from coperception.datasets.collate import InputMode, PreparedSample, collate, prepare_sample
-from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
+from coperception.datasets.collate import collate
+from coperception.datasets.cooperative import CooperativeDataset
+from coperception.datasets.prepared import EpochSampler, PreparedDataset
+from coperception.datasets.readers import InMemoryDataset, build_dataset
 from coperception.errors import ConfigError
-from coperception.fusion.methods import Method, get_method, input_mode
-from coperception.models.detector import PointPillars
+from coperception.evaluate import evaluate_method
 from coperception.models.losses import LossWeights, detection_loss
-
-
-class PreparedDataset(Dataset):
-    """Cooperative samples turned into model inputs (+ anchor targets) for one method."""
-
-    def __init__(self, inner: CooperativeDataset, cfg: ExperimentConfig, mode: InputMode, anchors: np.ndarray | None,
-                 augment: bool, seed: int = 0):
-        self.inner, self.cfg, self.mode, self.anchors, self.augment, self.seed = inner, cfg, mode, anchors, augment, seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int) -> PreparedSample:
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
-        return prepare_sample(self.inner[index], self.mode, self.cfg.dataset, self.cfg.model, self.anchors, rng)
-
-
-class EpochSampler(Sampler[int]):
-    """A seeded permutation per epoch, this rank's share, starting after `skip` indices (resume).
-    With several ranks the permutation is padded by wrapping around so every rank gets the same
-    number of samples (unequal step counts would leave one rank waiting in an all-reduce)."""
-
-    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1, skip: int = 0, shuffle: bool = True):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)) if shuffle else torch.arange(n)
-        indices = np.resize(order.numpy(), math.ceil(n / world) * world).tolist()  # cyclic padding
-        self.indices = indices[rank::world][skip:]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
-    """What must match between a checkpoint and the model that loads it."""
-    method = get_method(cfg.fusion.method)
-    arch = {"model": cfg.model.model_dump(mode="json"), "point_cloud_range": list(cfg.dataset.point_cloud_range),
-            "feature_fusion": method.feature_fusion}
-    if method.message == "codes":
-        cb = cfg.comm.codebook
-        arch["codebook"] = {"segments": cb.segments, "stages": cb.stages, "codes": cb.codes}
-    return arch
-
-
-def build_model(cfg: ExperimentConfig) -> PointPillars:
-    method = get_method(cfg.fusion.method)
-    return PointPillars(cfg.model, cfg.dataset, method.feature_fusion, cfg.comm if method.sparse else None,
-                        codebook=method.message == "codes")
-
-
-def init_weights(model: PointPillars, checkpoint: str | Path, cfg: ExperimentConfig) -> list[str]:
-    """Copy every weight from `checkpoint` (same model section, any fusion method); strict on names and
-    shapes except that a fusion module the checkpoint lacks starts fresh (its names are returned)."""
-    data = load_checkpoint(checkpoint)
-    saved, expected = dict(data["arch"]), architecture(cfg)
-    for key in ("feature_fusion", "codebook"):
-        saved.pop(key, None)
-        expected.pop(key, None)
-    check_architecture(checkpoint, saved, expected)
-    return load_state_strict(checkpoint, model, data["model"], fresh_prefixes=("fusion.", "quantizer."))
-
-
-def load_model(checkpoint: str | Path, cfg: ExperimentConfig) -> PointPillars:
-    """A model for `cfg` with the checkpoint's weights (architecture checked, strict)."""
-    data = load_checkpoint(checkpoint)
-    check_architecture(checkpoint, data["arch"], architecture(cfg))
-    model = build_model(cfg)
-    load_state_strict(checkpoint, model, data["model"])
-    model.eval()
-    return model
+from coperception.pipeline.model import CooperativeModel, architecture, build_model, fit_codebook, init_weights, method_label
+from coperception.pipeline.strategies import TrainOutput
+from coperception.types import TargetBatch
 
 
 @dataclass
@@ -116,170 +48,205 @@ def _init_distributed() -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
-def fit_codebook(model: PointPillars, data: PreparedDataset, cfg: ExperimentConfig, progress: bool = False) -> float | None:
-    """Fit the model's codebook by k-means on the message cells of `codebook.fit_samples` training
-    samples (the same seeded choice on every rank, so DDP ranks agree); returns the relative error,
-    None when those samples select no cell at all."""
-    assert model.quantizer is not None
-    settings = cfg.comm.codebook
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    order = torch.randperm(len(data), generator=generator)[: settings.fit_samples].tolist()
-    was_training = model.training
-    model.eval()
-    vectors = []
-    for start in tqdm(range(0, len(order), cfg.train.batch_size), desc="codebook k-means data", disable=not progress):
-        batch, _, _ = collate([data[i] for i in order[start : start + cfg.train.batch_size]])
-        vectors.append(model.message_vectors(batch))
-    model.train(was_training)
-    x = torch.cat(vectors) if vectors else torch.zeros(0, model.quantizer.channels)
-    if len(x) == 0:  # e.g. an untrained detector is confident nowhere: the first batch seeds the codes instead
-        return None
-    return model.quantizer.fit(x, settings.fit_iterations, generator)
+def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights, ego_loss_weight: float
+                    ) -> dict[str, torch.Tensor]:
+    """The detection loss on the fused output plus the training-only terms (codec loss, ego-alone loss)."""
+    losses = detection_loss(out.head, targets.labels, targets.residuals, targets.direction, weights)
+    if out.aux_loss is not None:
+        losses["total"] = losses["total"] + out.aux_loss
+        losses["aux"] = out.aux_loss.detach()
+    if out.ego_alone is not None:
+        alone = detection_loss(out.ego_alone, targets.labels, targets.residuals, targets.direction, weights)
+        losses["total"] = losses["total"] + ego_loss_weight * alone["total"]
+        losses["ego_alone"] = alone["total"].detach()
+    return losses
+
+
+@dataclass
+class _State:
+    """What a run carries from step to step and into its checkpoints."""
+
+    model: CooperativeModel
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step: int = 0
+    best: float = -1.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, resume: bool, progress: bool,
+                 sample_cache: dict[tuple[str, str], CooperativeDataset] | None):
+        self.cfg, self.ddp = cfg, _init_distributed()
+        self.show = progress and self.ddp.main
+        self.sample_cache = sample_cache
+        self.out_dir = Path(cfg.train.out_dir)
+        self.last_path = self.out_dir / "last.pt"
+        self.arch = architecture(cfg)
+        self.label = method_label(cfg)
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg)
+        if cfg.train.init_from and not resume:
+            fresh = init_weights(model, cfg.train.init_from, cfg)
+            self.log(f"weights from {cfg.train.init_from}" + (f"; starting fresh: {', '.join(fresh)}" if fresh else ""))
+        self.freeze = cfg.train.freeze_detector
+        if self.freeze:
+            if model.agent is None or cfg.comm.codec != "codebook":
+                raise ConfigError("train.freeze_detector: only a codebook codec has anything left to train")
+            for name, param in model.named_parameters():
+                param.requires_grad_(name.startswith("agent.codec."))
+        self.train_set = self.open_split(cfg.dataset.train_split)
+        self.val_set = self.open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and self.ddp.main else None
+        mode = model.strategy.input_mode(training=True, project_first=cfg.cooperation.project_first)
+        self.data = PreparedDataset(self.train_set, cfg.dataset, cfg.model, mode, model.targets, cfg.train.augment,
+                                    cfg.train.seed)
+        if model.agent is not None and cfg.comm.codec == "codebook" and not resume \
+                and not bool(model.agent.codec.quantizer.initialised):  # type: ignore[union-attr]
+            self.fit_codebook(model)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.data) / self.ddp.world) / cfg.train.batch_size)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=max(self.total_steps, 1),
+                                                        pct_start=0.3, div_factor=10, final_div_factor=100)
+        self.state = _State(model, optimizer, scheduler)
+        self.resumed_from = self.resume() if resume else None
+        self.train_model: torch.nn.Module = model
+        if self.ddp.world > 1 and not self.freeze:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(model)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.ddp.main else None
+        self.weights = LossWeights()
+
+    def log(self, text: str) -> None:
+        if self.ddp.main:  # summaries print without the progress bar too (logs of unattended runs)
+            tqdm.write(text)
+
+    def open_split(self, split: str) -> CooperativeDataset:
+        cfg = self.cfg
+        if not cfg.train.cache_samples:
+            return build_dataset(cfg.dataset, split)
+        key = (cfg.dataset.model_dump_json(), split)
+        if self.sample_cache is not None and key in self.sample_cache:
+            return self.sample_cache[key]
+        data = InMemoryDataset(build_dataset(cfg.dataset, split), self.show, f"read {split}")
+        if self.sample_cache is not None:
+            self.sample_cache[key] = data
+        return data
+
+    def fit_codebook(self, model: CooperativeModel) -> None:
+        """k-means start of the codebook on the message cells of `codebook.fit_samples` training samples
+        (the same seeded choice on every rank, so DDP ranks agree)."""
+        settings, bs = self.cfg.comm.codebook, self.cfg.train.batch_size
+        generator = torch.Generator().manual_seed(self.cfg.train.seed)
+        order = torch.randperm(len(self.data), generator=generator)[: settings.fit_samples].tolist()
+        batches = (collate([self.data[i] for i in order[s : s + bs]])[0] for s in range(0, len(order), bs))
+        error = fit_codebook(model, batches, self.show, settings.fit_iterations, generator)
+        self.log("no selected cells to fit the codebook on: the first batch seeds it" if error is None
+                 else f"codebook fitted by k-means: relative squared error {error:.4f}")
+
+    def resume(self) -> int:
+        if not self.last_path.is_file():
+            raise CheckpointError(f"{self.last_path}: --resume given but there is no checkpoint to resume from")
+        saved = load_checkpoint(self.last_path)
+        check_architecture(self.last_path, saved["arch"], self.arch)
+        s = self.state
+        load_state_strict(self.last_path, s.model, saved["model"])
+        s.optimizer.load_state_dict(saved["optimizer"])
+        s.scheduler.load_state_dict(saved["scheduler"])
+        s.step, s.best = int(saved["step"]), float(saved["best"])
+        return s.step
+
+    def save(self, path: Path, metric: float) -> None:
+        if not self.ddp.main:
+            return
+        s = self.state
+        save_checkpoint(path, arch=self.arch, model=s.model.state_dict(),
+                        extra={"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(), "step": s.step,
+                               "best": metric if path.name == "best.pt" else s.best, "method": self.label,
+                               "config": self.cfg.model_dump(mode="json")})
+
+    def step(self, batch, targets: TargetBatch) -> float:
+        """One optimiser step; returns the total loss."""
+        s = self.state
+        losses = training_losses(self.train_model(batch), targets, self.weights, self.cfg.train.ego_loss_weight)
+        s.optimizer.zero_grad(set_to_none=True)
+        if losses["total"].requires_grad:
+            losses["total"].backward()
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), 10.0)
+        s.optimizer.step()
+        s.scheduler.step()
+        s.step += 1
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"loss/{k}", v, s.step)
+            self.writer.add_scalar("lr", s.scheduler.get_last_lr()[0], s.step)
+        if s.step % self.cfg.train.checkpoint_every == 0:
+            self.save(self.last_path, s.best)
+        return values["total"]
+
+    def end_of_epoch(self, epoch: int, losses: list[float]) -> None:
+        """Validate (main rank, whole epochs only), keep the best checkpoint, log, save last.pt."""
+        s = self.state
+        record = {"epoch": epoch, "step": s.step, "loss": float(np.mean(losses)) if losses else float("nan")}
+        whole = s.step % self.steps_per_epoch == 0 or s.step >= self.total_steps
+        if whole and self.cfg.train.validate_each_epoch and self.ddp.main:
+            report = evaluate_method(s.model, self.cfg, self.cfg.dataset.val_split, progress=False, dataset=self.val_set)
+            ap50 = report["ap"]["0.5"]
+            record["val_ap50"] = ap50
+            if self.writer is not None:
+                self.writer.add_scalar("val/ap50", ap50, s.step)
+            if ap50 > s.best:
+                s.best = ap50
+                self.save(self.out_dir / "best.pt", ap50)
+        s.history.append(record)
+        self.log(f"epoch {epoch}: step {s.step}, loss {record['loss']:.3f}"
+                 + (f", val AP@0.5 {record['val_ap50']:.3f}" if "val_ap50" in record else ""))
+        self.save(self.last_path, s.best)
+
+    def set_train_mode(self) -> None:
+        model = self.state.model
+        model.train()
+        if self.freeze:  # keep the detector's BatchNorm statistics too; only the codebook's EMA moves
+            model.eval()
+            assert model.agent is not None
+            model.agent.codec.train()
+
+    def run(self) -> dict[str, Any]:
+        cfg, s = self.cfg, self.state
+        started = time.perf_counter()
+        max_steps = min(cfg.train.max_steps or self.total_steps, self.total_steps)
+        bar = tqdm(total=max_steps, initial=s.step, desc=f"train {self.label}", unit="step", disable=not self.show)
+        while s.step < max_steps:
+            epoch, done_in_epoch = divmod(s.step, self.steps_per_epoch)
+            self.data.epoch = epoch
+            sampler = EpochSampler(len(self.data), cfg.train.seed, epoch, self.ddp.rank, self.ddp.world,
+                                   skip=done_in_epoch * cfg.train.batch_size)
+            loader = DataLoader(self.data, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate,
+                                num_workers=cfg.train.num_workers, persistent_workers=False)
+            self.set_train_mode()
+            losses = []
+            for batch, targets, _ in loader:
+                losses.append(self.step(batch, targets))
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if s.step >= max_steps:
+                    break
+            self.end_of_epoch(epoch, losses)
+        bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.ddp.main and not (self.out_dir / "best.pt").exists():
+            self.save(self.out_dir / "best.pt", s.best)
+        return {"method": self.label, "steps": s.step, "resumed_from": self.resumed_from, "history": s.history,
+                "best_val_ap50": s.best, "seconds": time.perf_counter() - started, "world_size": self.ddp.world,
+                "rank": self.ddp.rank}
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
           sample_cache: dict[tuple[str, str], CooperativeDataset] | None = None) -> dict[str, Any]:
-    """Train `cfg.fusion.method`; checkpoints `last.pt` / `best.pt` and TensorBoard logs go to
-    `cfg.train.out_dir`. Returns a summary (steps, losses, validation AP, seconds). Several runs
-    on the same data may share `sample_cache` (samples read into memory once)."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    from coperception.evaluate import evaluate_method
-
-    ddp = _init_distributed()
-    torch.manual_seed(cfg.train.seed)
-    method: Method = get_method(cfg.fusion.method)
-    out_dir = Path(cfg.train.out_dir)
-    model = build_model(cfg)
-    if cfg.train.init_from and not resume:
-        init_weights(model, cfg.train.init_from, cfg)
-    model.message_dropout = cfg.train.message_dropout
-    model.ego_supervision = cfg.train.ego_loss_weight > 0
-    anchors = model.anchors_np
-    freeze = cfg.train.freeze_detector
-    if freeze:
-        if model.quantizer is None:
-            raise ConfigError("train.freeze_detector: only a codebook method has anything left to train")
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("quantizer."))
-    show = progress and ddp.main
-
-    def open_split(split: str) -> CooperativeDataset:
-        if not cfg.train.cache_samples:
-            return build_dataset(cfg.dataset, split)
-        key = (cfg.dataset.model_dump_json(), split)
-        if sample_cache is not None and key in sample_cache:
-            return sample_cache[key]
-        data = InMemoryDataset(build_dataset(cfg.dataset, split), show, f"read {split}")
-        if sample_cache is not None:
-            sample_cache[key] = data
-        return data
-
-    train_set = open_split(cfg.dataset.train_split)
-    val_set = open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and ddp.main else None
-    mode = input_mode(method, cfg.fusion.project_first, training=True)
-    data = PreparedDataset(train_set, cfg, mode, anchors, cfg.train.augment, cfg.train.seed)
-    if model.quantizer is not None and not resume and not bool(model.quantizer.initialised):
-        error = fit_codebook(model, data, cfg, show)
-        if ddp.main:  # summaries print without the progress bar too (logs of unattended runs)
-            tqdm.write("no selected cells to fit the codebook on: the first batch seeds it" if error is None
-                       else f"codebook fitted by k-means: relative squared error {error:.4f}")
-    steps_per_epoch = math.ceil(math.ceil(len(data) / ddp.world) / cfg.train.batch_size)
-    total_steps = steps_per_epoch * cfg.train.epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=max(total_steps, 1),
-                                                    pct_start=0.3, div_factor=10, final_div_factor=100)
-    step, best, resumed_from = 0, -1.0, None
-    arch = architecture(cfg)
-    last_path = out_dir / "last.pt"
-    if resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"{last_path}: --resume given but there is no checkpoint to resume from")
-        state = load_checkpoint(last_path)
-        check_architecture(last_path, state["arch"], arch)
-        load_state_strict(last_path, model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, best = int(state["step"]), float(state["best"])
-        resumed_from = step
-    train_model: torch.nn.Module = model
-    if ddp.world > 1 and not freeze:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
-    writer = SummaryWriter(str(out_dir / "tensorboard")) if ddp.main else None
-    weights = LossWeights()
-    history: list[dict[str, float]] = []
-    max_steps = min(cfg.train.max_steps or total_steps, total_steps)
-    started = time.perf_counter()
-
-    def save(path: Path, metric: float) -> None:
-        if ddp.main:
-            save_checkpoint(path, arch=arch, model=model.state_dict(),
-                            extra={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                                   "best": metric if path.name == "best.pt" else best, "method": method.name,
-                                   "config": cfg.model_dump(mode="json")})
-
-    bar = tqdm(total=max_steps, initial=step, desc=f"train {method.name}", unit="step", disable=not show)
-    while step < max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        data.epoch = epoch
-        sampler = EpochSampler(len(data), cfg.train.seed, epoch, ddp.rank, ddp.world, skip=done_in_epoch * cfg.train.batch_size)
-        loader = DataLoader(data, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=cfg.train.num_workers, persistent_workers=False)
-        model.train()
-        if freeze:  # keep the detector's BatchNorm statistics too; only the codebook's EMA moves
-            model.eval()
-            assert model.quantizer is not None
-            model.quantizer.train()
-        epoch_losses = []
-        for batch, targets, _ in loader:
-            out = train_model(batch)
-            losses = detection_loss(out, targets.labels, targets.residuals, targets.direction, weights)
-            if out.aux_loss is not None:
-                losses["total"] = losses["total"] + out.aux_loss
-                losses["aux"] = out.aux_loss.detach()
-            if out.ego_alone is not None:
-                alone = detection_loss(out.ego_alone, targets.labels, targets.residuals, targets.direction, weights)
-                losses["total"] = losses["total"] + cfg.train.ego_loss_weight * alone["total"]
-                losses["ego_alone"] = alone["total"].detach()
-            optimizer.zero_grad(set_to_none=True)
-            if losses["total"].requires_grad:
-                losses["total"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            epoch_losses.append(values["total"])
-            bar.update()
-            bar.set_postfix(loss=f"{values['total']:.3f}")
-            if writer is not None:
-                for k, v in values.items():
-                    writer.add_scalar(f"loss/{k}", v, step)
-                writer.add_scalar("lr", scheduler.get_last_lr()[0], step)
-            if step % cfg.train.checkpoint_every == 0:
-                save(last_path, best)
-            if step >= max_steps:
-                break
-        end_of_epoch = step % steps_per_epoch == 0 or step >= total_steps
-        record = {"epoch": epoch, "step": step, "loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan")}
-        if end_of_epoch and cfg.train.validate_each_epoch and ddp.main:
-            report = evaluate_method(model, cfg, cfg.dataset.val_split, method.name, progress=False, dataset=val_set)
-            ap50 = report["ap"]["0.5"]
-            record["val_ap50"] = ap50
-            if writer is not None:
-                writer.add_scalar("val/ap50", ap50, step)
-            if ap50 > best:
-                best = ap50
-                save(out_dir / "best.pt", ap50)
-        history.append(record)
-        if ddp.main:
-            tqdm.write(f"epoch {epoch}: step {step}, loss {record['loss']:.3f}"
-                       + (f", val AP@0.5 {record['val_ap50']:.3f}" if "val_ap50" in record else ""))
-        save(last_path, best)
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if ddp.main and not (out_dir / "best.pt").exists():
-        save(out_dir / "best.pt", best)
-    return {"method": method.name, "steps": step, "resumed_from": resumed_from, "history": history, "best_val_ap50": best,
-            "seconds": time.perf_counter() - started, "world_size": ddp.world, "rank": ddp.rank}
+    """Train the cooperation `cfg` describes; checkpoints `last.pt` / `best.pt` and TensorBoard logs go to
+    `cfg.train.out_dir`. Returns a summary (steps, losses, validation AP, seconds). Several runs on
+    the same data may share `sample_cache` (samples read into memory once)."""
+    return Trainer(cfg, resume, progress, sample_cache).run()

@@ -6,7 +6,8 @@ import numpy as np
 import torch
 
 from coperception.comm.codebook import ResidualVQ
-from coperception.comm.wire import GridSpec, Message, MessageKind, decode_packets, encode_message
+from coperception.grid import BEVGrid
+from coperception.comm.wire import Message, MessageKind, decode_packets, encode_message
 
 
 def clustered(n, channels, clusters, generator, spread=0.05):
@@ -32,7 +33,7 @@ def test_training_learns_the_data_and_codes_rebuild_it_on_the_receiver():
     torch.testing.assert_close(vq.decode(vq.encode(data)), out.quantized)
     # ... also after the codes went through the wire
     cells = np.arange(4096, dtype=np.int64)
-    msg = Message(MessageKind.CODES, 1, 0, 0.0, np.eye(4), GridSpec(0, 0, 1, 64, 64), cells,
+    msg = Message(MessageKind.CODES, 1, 0, 0.0, np.eye(4), BEVGrid(0, 0, 1, 64, 64), cells,
                   codes=out.codes.numpy(), bits=vq.bits, codebook_hash=vq.digest())
     received = decode_packets(encode_message(msg), codebook_hash=vq.digest())
     torch.testing.assert_close(vq.decode(torch.from_numpy(received.codes)), out.quantized)

@@ -10,7 +10,8 @@ import torch
 
 from coperception.config import load_config
 from coperception.evaluate import evaluate_method
-from coperception.train import build_model, load_model, train
+from coperception.pipeline.model import build_model, load_model
+from coperception.train import train
 
 from test_train import TINY
 
@@ -25,7 +26,7 @@ def comm_config(opv2v_set, out_dir, *extra):
 @pytest.fixture(scope="module")
 def codebook_run(opv2v_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("codebook")
-    cfg = comm_config(opv2v_set, out, "fusion.method=codebook", "train.max_steps=4")
+    cfg = comm_config(opv2v_set, out, "comm.codec=codebook", "train.max_steps=4")
     summary = train(cfg, progress=False)
     return cfg, out, summary
 
@@ -34,15 +35,15 @@ def test_codebook_model_trains_and_sends_measured_codes(codebook_run):
     cfg, out, summary = codebook_run
     assert summary["steps"] == 4 and np.isfinite(summary["history"][-1]["loss"])
     model = load_model(out / "last.pt", cfg)
-    assert model.quantizer is not None and bool(model.quantizer.initialised)
-    entry = evaluate_method(model, cfg, "test", "codebook", progress=False)
+    assert model.agent is not None and bool(model.agent.codec.quantizer.initialised)
+    entry = evaluate_method(model, cfg, "test", progress=False)
     # 40 cells x 4 segments x 2 stages x 4 bits = 160 bytes of codes per sender, plus indices and headers
     assert 160 < entry["bytes_per_agent_frame"] < 160 + 40 * 3 + 200
     assert entry["bytes_per_frame"] > entry["bytes_per_agent_frame"]
     assert entry["mean_fused_age_s"] == pytest.approx(0.0)
-    sparse_cfg = cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={"method": "where2comm"})})
-    fp32 = evaluate_method(load_model_as(out / "last.pt", cfg, sparse_cfg), sparse_cfg, "test", "where2comm", progress=False)
-    assert fp32["bytes_per_agent_frame"] > 40 * model.backbone.out_channels * 4  # fp32 values of the same cells
+    sparse_cfg = cfg.variant(codec="sparse")
+    fp32 = evaluate_method(load_model_as(out / "last.pt", cfg, sparse_cfg), sparse_cfg, "test", progress=False)
+    assert fp32["bytes_per_agent_frame"] > 40 * model.encoders.out_channels * 4  # fp32 values of the same cells
 
 
 def load_model_as(checkpoint, trained_cfg, cfg):
@@ -50,7 +51,7 @@ def load_model_as(checkpoint, trained_cfg, cfg):
     from coperception.checkpoint import load_checkpoint
 
     model = build_model(cfg)
-    state = {k: v for k, v in load_checkpoint(checkpoint)["model"].items() if not k.startswith("quantizer.")}
+    state = {k: v for k, v in load_checkpoint(checkpoint)["model"].items() if not k.startswith("agent.codec.")}
     model.load_state_dict(state, strict=True)
     model.eval()
     return model
@@ -61,22 +62,22 @@ def test_total_loss_falls_back_to_ego_only_and_delay_fuses_older_frames(codebook
     lost = cfg.model_copy(deep=True)
     lost.comm.channel.loss_rate = 1.0
     model = load_model(out / "last.pt", lost)
-    at_full_loss = evaluate_method(model, lost, "test", "codebook", progress=False)
+    at_full_loss = evaluate_method(model, lost, "test", progress=False)
     assert at_full_loss["bytes_per_agent_frame"] == 0.0 and at_full_loss["mean_fused_age_s"] is None
-    ego_only = lost.model_copy(update={"fusion": lost.fusion.model_copy(update={"method": "none"})})
-    alone = evaluate_method(load_model_as(out / "last.pt", cfg, ego_only), ego_only, "test", "none", progress=False)
+    ego_only = lost.variant(strategy="none")
+    alone = evaluate_method(load_model_as(out / "last.pt", cfg, ego_only), ego_only, "test", progress=False)
     for iou, ap in alone["ap"].items():  # the same weights on the ego's own view only
         assert at_full_loss["ap"][iou] == pytest.approx(ap, abs=0.01)
 
     delayed = cfg.model_copy(deep=True)
     delayed.comm.channel.latency_ms = 150.0
-    entry = evaluate_method(load_model(out / "last.pt", delayed), delayed, "test", "codebook", progress=False)
+    entry = evaluate_method(load_model(out / "last.pt", delayed), delayed, "test", progress=False)
     # each test scenario has 3 frames at 10 Hz: only the last frame can use the first frame's messages
     assert entry["mean_fused_age_s"] == pytest.approx(0.2)
     for max_age, fused in ((250.0, True), (150.0, False)):  # a 200 ms old message is fused only under 250 ms
         capped = delayed.model_copy(deep=True)
         capped.comm.channel.max_message_age_ms = max_age
-        result = evaluate_method(load_model(out / "last.pt", capped), capped, "test", "codebook", progress=False)
+        result = evaluate_method(load_model(out / "last.pt", capped), capped, "test", progress=False)
         assert result["bytes_per_agent_frame"] == entry["bytes_per_agent_frame"]  # sent and received all the same
         if fused:
             assert result["mean_fused_age_s"] == pytest.approx(0.2) and result["ap"] == entry["ap"]
@@ -90,15 +91,15 @@ def test_signed_messages_verify_with_the_agents_keys(codebook_run):
     cfg, out, _ = codebook_run
     signed = cfg.model_copy(deep=True)
     signed.comm.sign = True
-    a = evaluate_method(load_model(out / "last.pt", signed), signed, "test", "codebook", progress=False)
-    b = evaluate_method(load_model(out / "last.pt", cfg), cfg, "test", "codebook", progress=False)
+    a = evaluate_method(load_model(out / "last.pt", signed), signed, "test", progress=False)
+    b = evaluate_method(load_model(out / "last.pt", cfg), cfg, "test", progress=False)
     assert a["ap"] == b["ap"]
     assert a["bytes_per_agent_frame"] > b["bytes_per_agent_frame"]  # + a 32-byte HMAC per packet
 
 
 def test_freeze_detector_fits_only_the_codebook(codebook_run, opv2v_set, tmp_path):
     cfg, out, _ = codebook_run
-    frozen = comm_config(opv2v_set, tmp_path / "frozen", "fusion.method=codebook", "train.max_steps=3",
+    frozen = comm_config(opv2v_set, tmp_path / "frozen", "comm.codec=codebook", "train.max_steps=3",
                          f"train.init_from={out / 'last.pt'}", "train.freeze_detector=true")
     train(frozen, progress=False)
     from coperception.checkpoint import load_checkpoint
@@ -106,50 +107,49 @@ def test_freeze_detector_fits_only_the_codebook(codebook_run, opv2v_set, tmp_pat
     before = load_checkpoint(out / "last.pt")["model"]
     after = load_checkpoint(tmp_path / "frozen" / "last.pt")["model"]
     for key, value in before.items():
-        if key.startswith("quantizer."):
+        if key.startswith("agent.codec."):
             continue
         assert torch.equal(value, after[key]), key  # weights and BatchNorm statistics untouched
-    assert not torch.equal(before["quantizer.codebook"], after["quantizer.codebook"])
+    assert not torch.equal(before["agent.codec.quantizer.codebook"], after["agent.codec.quantizer.codebook"])
     with pytest.raises(Exception, match="freeze_detector"):
-        train(comm_config(opv2v_set, tmp_path / "bad", "fusion.method=max", "train.freeze_detector=true"), progress=False)
+        train(comm_config(opv2v_set, tmp_path / "bad", "cooperation.strategy=intermediate", "fusion.method=max", "train.freeze_detector=true"), progress=False)
 
 
 def test_message_dropout_trains_and_never_drops_the_ego(opv2v_set, tmp_path):
-    cfg = comm_config(opv2v_set, tmp_path / "drop", "fusion.method=max", "train.max_steps=2", "train.message_dropout=0.9")
+    cfg = comm_config(opv2v_set, tmp_path / "drop", "cooperation.strategy=intermediate", "fusion.method=max", "train.max_steps=2", "train.message_dropout=0.9")
     assert train(cfg, progress=False)["steps"] == 2
     model = build_model(cfg)
-    model.message_dropout = 0.9
-    model.train()
     from coperception.datasets.collate import collate, prepare_sample
-    from coperception.datasets.cooperative import build_dataset
+    from coperception.pipeline.agent import drop_messages
+    from coperception.datasets.readers import build_dataset
 
     sample = build_dataset(cfg.dataset, "test")[0]
-    batch, _, _ = collate([prepare_sample(sample, "projected", cfg.dataset, cfg.model, None)])
+    batch, _, _ = collate([prepare_sample(sample, "projected", cfg.dataset, cfg.model)])
     feats = torch.zeros(batch.n_agents, 4, 5, 6)
     torch.manual_seed(0)
-    kept = torch.stack([model._dropped_messages(batch, feats)[:, 0, 0] for _ in range(200)])
+    kept = torch.stack([drop_messages(batch, 0.9, feats)[:, 0, 0] for _ in range(200)])
     assert kept[:, 0].all()  # the ego always keeps its own view
     assert 0.0 < kept[:, 1:].float().mean() < 0.1  # 0.9 alone, else half of the senders dropped
 
 
 def test_ego_supervision_is_the_head_on_the_ego_view_alone(opv2v_set, tmp_path):
-    cfg = comm_config(opv2v_set, tmp_path / "ego", "fusion.method=codebook", "train.max_steps=2",
+    cfg = comm_config(opv2v_set, tmp_path / "ego", "comm.codec=codebook", "train.max_steps=2",
                       "train.ego_loss_weight=1.0")
     summary = train(cfg, progress=False)
     assert summary["steps"] == 2 and np.isfinite(summary["history"][-1]["loss"])
-    without = train(comm_config(opv2v_set, tmp_path / "fused", "fusion.method=codebook", "train.max_steps=2"),
+    without = train(comm_config(opv2v_set, tmp_path / "fused", "comm.codec=codebook", "train.max_steps=2"),
                     progress=False)
     # the same seeded run plus a second detection loss of similar size
     assert summary["history"][-1]["loss"] > 1.3 * without["history"][-1]["loss"]
     from coperception.datasets.collate import collate, prepare_sample
-    from coperception.datasets.cooperative import build_dataset
+    from coperception.datasets.readers import build_dataset
 
-    samples = [prepare_sample(build_dataset(cfg.dataset, "test")[i], "projected", cfg.dataset, cfg.model, None)
+    samples = [prepare_sample(build_dataset(cfg.dataset, "test")[i], "projected", cfg.dataset, cfg.model)
                for i in (0, 1)]
     full, _, _ = collate(samples)
     ego_only, _, _ = collate([dataclasses.replace(s, agents=s.agents[:1]) for s in samples])
     model = load_model(tmp_path / "ego" / "last.pt", cfg)
-    model.ego_supervision = True
+    model.ego_loss = True
     model.train()
     for module in model.modules():  # keep BatchNorm statistics fixed so both passes see the same network
         if isinstance(module, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -158,8 +158,8 @@ def test_ego_supervision_is_the_head_on_the_ego_view_alone(opv2v_set, tmp_path):
         trained = model(full).ego_alone
         model.eval()
         assert model(full).ego_alone is None  # inference never pays for it
-        alone = model(ego_only)
-    assert torch.allclose(trained.cls, alone.cls, atol=1e-5) and not torch.allclose(trained.cls, model(full).cls)
+        alone = model(ego_only).head
+    assert torch.allclose(trained.cls, alone.cls, atol=1e-5) and not torch.allclose(trained.cls, model(full).head.cls)
 
 
 def test_filling_request_is_measured_and_an_empty_one_is_not_sent(codebook_run):
@@ -169,7 +169,7 @@ def test_filling_request_is_measured_and_an_empty_one_is_not_sent(codebook_run):
         run = cfg.model_copy(deep=True)
         run.comm.selection.filling = True
         run.comm.selection.request_threshold = request_threshold
-        entries[request_threshold] = evaluate_method(load_model(out / "last.pt", run), run, "test", "codebook",
+        entries[request_threshold] = evaluate_method(load_model(out / "last.pt", run), run, "test",
                                                      progress=False)
     everything, nothing = entries[0.0], entries[1.0]
     assert everything["request_bytes_per_frame"] > 0 and nothing["request_bytes_per_frame"] == 0.0

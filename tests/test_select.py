@@ -6,9 +6,9 @@ import torch
 
 from coperception.comm.select import dilate, random_top_k, select_cells, select_for_senders, smooth_confidence
 from coperception.config import SelectionSettings
-from coperception.models.anchors import BEVGrid
+from coperception.grid import BEVGrid
 
-GRID = BEVGrid((-32.0, -16.0, -3.0, 32.0, 16.0, 1.0), 1.0)  # 64 x 32 cells
+GRID = BEVGrid.from_range((-32.0, -16.0, -3.0, 32.0, 16.0, 1.0), 1.0)  # 64 x 32 cells
 
 
 def shifted(dx):

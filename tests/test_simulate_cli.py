@@ -4,7 +4,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from coperception.cli import app
-from coperception.datasets.cooperative import build_dataset
+from coperception.datasets.readers import build_dataset
 from coperception.datasets.stats import visibility_stats
 from coperception.config import load_config
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from coperception.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from coperception.cli import app
 from coperception.config import load_config
-from coperception.train import architecture, build_model, load_model, train
+from coperception.pipeline.model import architecture, build_model, load_model, method_label
+from coperception.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 # a small grid and model so a step takes well under a second
@@ -37,7 +38,7 @@ def weights(model):
 
 
 def test_resume_continues_from_saved_step_and_matches_uninterrupted_run(opv2v_set, tmp_path):
-    common = ["train.epochs=2", "fusion.method=max", "train.checkpoint_every=1"]
+    common = ["train.epochs=2", "cooperation.strategy=intermediate", "fusion.method=max", "train.checkpoint_every=1"]
     full = train(tiny_config(opv2v_set, tmp_path / "full", *common), progress=False)
     assert full["steps"] == 2 * 9 and full["resumed_from"] is None
 
@@ -62,13 +63,13 @@ def test_resume_without_checkpoint_is_an_error(opv2v_set, tmp_path):
 
 
 def test_wrong_architecture_and_corrupt_checkpoints_are_refused(opv2v_set, tmp_path):
-    cfg = tiny_config(opv2v_set, tmp_path / "a", "fusion.method=none")
+    cfg = tiny_config(opv2v_set, tmp_path / "a", "cooperation.strategy=none")
     model = build_model(cfg)
     good = tmp_path / "good.pt"
     save_checkpoint(good, arch=architecture(cfg), model=model.state_dict(), extra={"config": cfg.model_dump(mode="json")})
     assert load_model(good, cfg) is not None
 
-    other = tiny_config(opv2v_set, tmp_path / "b", "fusion.method=none", "model.filters=[16,48]")
+    other = tiny_config(opv2v_set, tmp_path / "b", "cooperation.strategy=none", "model.filters=[16,48]")
     with pytest.raises(CheckpointError, match="another architecture"):
         load_model(good, other)
 
@@ -94,16 +95,16 @@ def test_wrong_architecture_and_corrupt_checkpoints_are_refused(opv2v_set, tmp_p
 
 
 def test_init_from_copies_weights_into_a_fusion_model(opv2v_set, tmp_path):
-    ego = train(tiny_config(opv2v_set, tmp_path / "ego", "fusion.method=none", "train.max_steps=1"), progress=False)
+    ego = train(tiny_config(opv2v_set, tmp_path / "ego", "cooperation.strategy=none", "train.max_steps=1"), progress=False)
     assert ego["steps"] == 1
-    cfg = tiny_config(opv2v_set, tmp_path / "max", "fusion.method=max", f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
+    cfg = tiny_config(opv2v_set, tmp_path / "max", "cooperation.strategy=intermediate", "fusion.method=max", f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
                       "train.lr=1e-12", "train.max_steps=1")
     train(cfg, progress=False)
     a = load_checkpoint(tmp_path / "ego" / "best.pt")["model"]
     b = load_checkpoint(tmp_path / "max" / "last.pt")["model"]
-    conv = "backbone.blocks.0.0.0.weight"
+    conv = "encoders.nets.pointpillars.backbone.blocks.0.0.0.weight"
     torch.testing.assert_close(a[conv], b[conv], rtol=1e-6, atol=1e-8)
-    bad = tiny_config(opv2v_set, tmp_path / "bad", "fusion.method=max", f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
+    bad = tiny_config(opv2v_set, tmp_path / "bad", "cooperation.strategy=intermediate", "fusion.method=max", f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
                       "model.filters=[16,48]")
     with pytest.raises(CheckpointError, match="another architecture"):
         train(bad, progress=False)
@@ -112,7 +113,7 @@ def test_init_from_copies_weights_into_a_fusion_model(opv2v_set, tmp_path):
 def test_train_and_eval_cli_write_checkpoints_and_a_report(opv2v_set, tmp_path):
     runner = CliRunner()
     cfg_path = tmp_path / "c.yaml"
-    cfg_path.write_text(yaml.safe_dump({"fusion": {"method": "none"}}))
+    cfg_path.write_text(yaml.safe_dump({"cooperation": {"strategy": "none"}}))
     sets = [a for s in [f"dataset.root={opv2v_set.root}", "dataset.train_split=test", "dataset.val_split=test",
                         "dataset.eval_split=test", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=2", *TINY]
             for a in ("--set", s)]
@@ -122,7 +123,7 @@ def test_train_and_eval_cli_write_checkpoints_and_a_report(opv2v_set, tmp_path):
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     for method in ("none", "late"):
         out = tmp_path / f"{method}.json"
-        result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--method", method,
+        result = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--strategy", method,
                                      "--out", str(out), "--limit", "3"])
         assert result.exit_code == 0, result.output
         report = yaml.safe_load(out.read_text())
@@ -145,7 +146,7 @@ def test_real_data_configs_train_one_step_on_simulated_data(method, opv2v_set, d
     for folder, data in (("opv2v", opv2v_set), ("dair_v2x", dair_set)):
         path = REPO / "configs" / folder / f"{method}.yaml"
         cfg = load_config(path)
-        assert cfg.fusion.method == method and cfg.dataset.format == data.dataset_cfg.format
+        assert method_label(cfg) == method and cfg.dataset.format == data.dataset_cfg.format
         summary = _run_one_step(path, data.root, tmp_path / folder, "test")
         assert summary["steps"] == 1
         assert np.isfinite(summary["history"][-1]["loss"])
@@ -155,7 +156,7 @@ def test_real_data_configs_train_one_step_on_simulated_data(method, opv2v_set, d
 def test_torchrun_two_processes_ddp(opv2v_set, tmp_path):
     cfg_path = tmp_path / "ddp.yaml"
     cfg = {"dataset": {"root": str(opv2v_set.root), "train_split": "test", "val_split": "test", "eval_split": "test"},
-           "fusion": {"method": "max"},
+           "cooperation": {"strategy": "intermediate"}, "fusion": {"method": "max"},
            # the ego-alone loss runs the shared head twice per step: DDP's gradient reduction must take it
            "train": {"out_dir": str(tmp_path / "ddp"), "epochs": 1, "ego_loss_weight": 1.0}}
     cfg_path.write_text(yaml.safe_dump(cfg))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coperception.comm.payload import MalformedMessage
-from coperception.comm.wire import (AuthenticationError, CodebookMismatch, CRCError, GridSpec, Message, MessageKind,
+from coperception.comm.kinds import MalformedMessage
+from coperception.grid import BEVGrid
+from coperception.comm.wire import (AuthenticationError, CodebookMismatch, CRCError, Message, MessageKind,
                                     assemble, codebook_digest, decode_packet, decode_packets, decode_varints,
                                     encode_message, encode_varints, pack_bits, unpack_bits)
 
-GRID = GridSpec(-140.8, -40.0, 1.6, 50, 176)
+GRID = BEVGrid(-140.8, -40.0, 1.6, 50, 176)
 
 
 def random_pose(rng):

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from coperception.config import load_config
-from coperception.datasets.cooperative import build_dataset
+from coperception.datasets.readers import build_dataset
 from coperception.datasets.voxelize import voxelize
 from coperception.io import write_json
 

@@ -59,9 +59,21 @@ class ResidualVQ(nn.Module):
                 + book.pow(2).sum(-1)[None])
         return dist.argmin(dim=-1)
 
-    def _nearest_chunked(self, residual: torch.Tensor, stage: int, chunk: int) -> torch.Tensor:
-        """`_nearest` over `chunk` vectors at a time: the (N, m, K) distances of a k-means set would not fit."""
-        return torch.cat([self._nearest(part, stage) for part in residual.split(chunk)])
+    def _stage(self, residual: torch.Tensor, stage: int, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One residual stage: (N, m, d) -> the (N, m) nearest codes of `stage` and what they leave over.
+        With `chunk`, distances are computed that many vectors at a time (a k-means set's would not fit)."""
+        parts = residual.split(chunk) if chunk else (residual,)
+        index = torch.cat([self._nearest(part, stage) for part in parts])
+        return index, residual - self._lookup(stage, index)
+
+    def _assign(self, residual: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Every stage in turn on (N, m, d): the (N, m, r) codes and the residual each stage quantized."""
+        codes, inputs = [], []
+        for s in range(self.stages):
+            inputs.append(residual)
+            index, residual = self._stage(residual, s)
+            codes.append(index)
+        return torch.stack(codes, dim=-1), inputs
 
     def _lookup(self, stage: int, index: torch.Tensor) -> torch.Tensor:
         """(N, m) indices -> (N, m, d) code vectors of `stage`."""
@@ -85,7 +97,7 @@ class ResidualVQ(nn.Module):
                 pick = torch.randint(0, len(residual), (self.codes,), generator=generator)
             self.codebook[:, s] = residual[pick].transpose(0, 1)
             for _ in range(iterations):
-                index = self._nearest_chunked(residual, s, chunk)
+                index = torch.cat([self._nearest(part, s) for part in residual.split(chunk)])
                 onehot = torch.nn.functional.one_hot(index, self.codes).to(residual.dtype)  # (N, m, K)
                 count = onehot.sum(0)
                 total = torch.einsum("nmk,nmd->mkd", onehot, residual)
@@ -95,7 +107,7 @@ class ResidualVQ(nn.Module):
                     total[seg_idx, code_idx] = residual[torch.randint(0, len(residual), (len(seg_idx),), generator=generator), seg_idx]
                     count[seg_idx, code_idx] = 1.0
                 self.codebook[:, s] = total / count[..., None]
-            residual = residual - self._lookup(s, self._nearest_chunked(residual, s, chunk))
+            _, residual = self._stage(residual, s, chunk)
         self.ema_sum.copy_(self.codebook)
         self.ema_count.fill_(1.0)
         self.initialised.fill_(True)
@@ -103,13 +115,7 @@ class ResidualVQ(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C) features -> (N, m, r) integer codes (nearest code at every stage)."""
-        residual = x.reshape(-1, self.segments, self.dim)
-        codes = []
-        for s in range(self.stages):
-            index = self._nearest(residual, s)
-            residual = residual - self._lookup(s, index)
-            codes.append(index)
-        return torch.stack(codes, dim=-1)
+        return self._assign(x.reshape(-1, self.segments, self.dim))[0]
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """(N, m, r) integer codes -> (N, C) features rebuilt from this codebook."""
@@ -123,16 +129,9 @@ class ResidualVQ(nn.Module):
         if self.training and not bool(self.initialised):  # no k-means fit before training: start from this batch
             self.fit(x, iterations=1, generator=generator)
         segments = x.reshape(-1, self.segments, self.dim)
-        residual = segments.detach()
-        codes, residuals = [], []
-        for s in range(self.stages):
-            index = self._nearest(residual, s)
-            residuals.append(residual)
-            codes.append(index)
-            residual = residual - self._lookup(s, index)
-        codes_t = torch.stack(codes, dim=-1)
+        codes_t, residuals = self._assign(segments.detach())
         if self.training:
-            self._ema_update(residuals, codes, generator)
+            self._ema_update(residuals, list(codes_t.unbind(-1)), generator)
         quantized = self.decode(codes_t).reshape(-1, self.segments, self.dim)
         commitment = self.commitment * (segments - quantized.detach()).pow(2).mean()
         out = segments + (quantized - segments).detach() if self.training else quantized

@@ -8,27 +8,15 @@ compressed codebook format of the comm issue replaces the feature payload, not t
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
-
 import numpy as np
 
-from coperception.errors import CoperceptionError
+from coperception.comm.kinds import MessageKind
 
 MAGIC = b"CPM1"
 _HEADER = struct.Struct("<4sBBhid12fI")  # magic, version, kind, reserved, sender, time, pose, count
 
 
-class PayloadKind(IntEnum):
-    POINTS = 1
-    BOXES = 2
-    FEATURES = 3
-
-
-class MalformedMessage(CoperceptionError):
-    """A message whose bytes do not decode."""
-
-
-def _header(kind: PayloadKind, sender: int, capture_time: float, pose: np.ndarray, count: int) -> bytes:
+def _header(kind: MessageKind, sender: int, capture_time: float, pose: np.ndarray, count: int) -> bytes:
     return _HEADER.pack(MAGIC, 1, int(kind), 0, sender, capture_time,
                         *np.asarray(pose, dtype=np.float32)[:3, :4].ravel().tolist(), count)
 
@@ -36,17 +24,17 @@ def _header(kind: PayloadKind, sender: int, capture_time: float, pose: np.ndarra
 def serialize_points(points: np.ndarray, sender: int, capture_time: float, pose: np.ndarray) -> bytes:
     """(N, 4) float32 x y z intensity."""
     pts = np.ascontiguousarray(points[:, :4], dtype="<f4")
-    return _header(PayloadKind.POINTS, sender, capture_time, pose, len(pts)) + pts.tobytes()
+    return _header(MessageKind.POINTS, sender, capture_time, pose, len(pts)) + pts.tobytes()
 
 
 def serialize_boxes(boxes: np.ndarray, scores: np.ndarray, sender: int, capture_time: float, pose: np.ndarray) -> bytes:
     """(K, 7) boxes and (K,) scores as float32 rows of 8."""
     rows = np.ascontiguousarray(np.column_stack([boxes, scores]), dtype="<f4")
-    return _header(PayloadKind.BOXES, sender, capture_time, pose, len(rows)) + rows.tobytes()
+    return _header(MessageKind.BOXES, sender, capture_time, pose, len(rows)) + rows.tobytes()
 
 
 def serialize_features(features: np.ndarray, sender: int, capture_time: float, pose: np.ndarray) -> bytes:
     """(C, H, W) float32 dense BEV features, preceded by the three dimensions as uint16."""
     feats = np.ascontiguousarray(features, dtype="<f4")
     shape = struct.pack("<3H", *feats.shape)
-    return _header(PayloadKind.FEATURES, sender, capture_time, pose, feats.size) + shape + feats.tobytes()
+    return _header(MessageKind.DENSE_FP32, sender, capture_time, pose, feats.size) + shape + feats.tobytes()

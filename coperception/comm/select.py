@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from coperception.config import SelectionSettings
-from coperception.fusion.base import affine_to_agent
-from coperception.models.anchors import BEVGrid
+from coperception.grid import BEVGrid, warp
 
 
 def smooth_confidence(conf: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -62,12 +61,9 @@ def random_top_k(conf: torch.Tensor, k: int, generator: torch.Generator | None =
     return mask.view_as(conf)
 
 
-def warp_map(values: torch.Tensor, T_dst_from_src: torch.Tensor, grid: BEVGrid, mode: str = "bilinear") -> torch.Tensor:
+def _warp_maps(values: torch.Tensor, T_dst_from_src: torch.Tensor, grid: BEVGrid, mode: str = "bilinear") -> torch.Tensor:
     """(N, H, W) maps in the source frames -> the destination frames (zeros outside the source grid)."""
-    theta = affine_to_agent(T_dst_from_src, grid).to(values.device)
-    N, H, W = values.shape
-    sampling = F.affine_grid(theta, [N, 1, H, W], align_corners=False)
-    return F.grid_sample(values[:, None].float(), sampling, mode=mode, padding_mode="zeros", align_corners=False)[:, 0]
+    return warp(values[:, None].float(), T_dst_from_src, grid, mode)[:, 0]
 
 
 def ego_request(ego_conf: torch.Tensor, request_threshold: float) -> torch.Tensor:
@@ -95,7 +91,7 @@ def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_
     conf = smooth_confidence(sender_conf, cfg.smooth_sigma)
     T_sender_from_ego = torch.linalg.inv(T_ego_from_sender.double()).float()
     # cells that land outside the ego's grid are of no use to it, whatever the selection rule
-    inside_ego = warp_map(torch.ones_like(conf), T_sender_from_ego, grid, "nearest") > 0.5
+    inside_ego = _warp_maps(torch.ones_like(conf), T_sender_from_ego, grid, "nearest") > 0.5
     if not cfg.filling:
         return torch.stack([select_cells(conf[s], cfg.threshold, cfg.top_k, inside_ego[s]) for s in range(S)]), None
     request = ego_request(ego_conf, cfg.request_threshold)
@@ -104,8 +100,8 @@ def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_
     covered = torch.where(seen, torch.full_like(ego_conf, cfg.cap), ego_conf)
     masks = []
     for s in range(S):
-        covered_here = warp_map(covered[None], T_sender_from_ego[s : s + 1], grid, "nearest")[0]
+        covered_here = _warp_maps(covered[None], T_sender_from_ego[s : s + 1], grid, "nearest")[0]
         mask = select_cells(conf[s], cfg.threshold, cfg.top_k, allowed=inside_ego[s] & (covered_here < cfg.cap))
         masks.append(mask)
-        covered = covered + warp_map((conf[s] * mask)[None], T_ego_from_sender[s : s + 1], grid, "nearest")[0]
+        covered = covered + _warp_maps((conf[s] * mask)[None], T_ego_from_sender[s : s + 1], grid, "nearest")[0]
     return torch.stack(masks), request

@@ -25,13 +25,13 @@ import hmac
 import struct
 import zlib
 from dataclasses import dataclass
-from enum import IntEnum
 from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from coperception.comm.payload import MalformedMessage
+from coperception.comm.kinds import MalformedMessage, MessageKind
+from coperception.grid import BEVGrid
 
 MAGIC = b"CPW1"
 VERSION = 1
@@ -43,10 +43,7 @@ FLAG_HMAC = 2
 DEFAULT_MTU = 1200
 
 
-class MessageKind(IntEnum):
-    CODES = 1  # codebook indices per cell
-    SPARSE_FP32 = 2  # raw float32 features per cell
-    REQUEST = 3  # cells only (what the ego already sees)
+WIRE_KINDS = (MessageKind.CODES, MessageKind.SPARSE_FP32, MessageKind.REQUEST)
 
 
 class CRCError(MalformedMessage):
@@ -61,21 +58,6 @@ class CodebookMismatch(MalformedMessage):
     """The message was encoded with a different codebook than the receiver holds."""
 
 
-@dataclass(frozen=True)
-class GridSpec:
-    """The sender's BEV grid: cell (row, col) covers x_min + col*cell, y_min + row*cell."""
-
-    x_min: float
-    y_min: float
-    cell: float
-    height: int
-    width: int
-
-    @property
-    def cells(self) -> int:
-        return self.height * self.width
-
-
 @dataclass
 class Message:
     """A decoded (or to-be-encoded) message. `cells` are flat indices row * width + col, ascending."""
@@ -85,7 +67,7 @@ class Message:
     sequence: int
     capture_time: float
     pose: np.ndarray  # (4, 4) T_world_from_sender
-    grid: GridSpec
+    grid: BEVGrid
     cells: np.ndarray  # (N,) int64
     codes: np.ndarray | None = None  # (N, m, r) integers < 2**bits   (CODES)
     values: np.ndarray | None = None  # (N, C) float32                (SPARSE_FP32)
@@ -214,6 +196,8 @@ def _index_section(cells: np.ndarray) -> tuple[bytes, int]:
 
 
 def _check_message(msg: Message) -> np.ndarray:
+    if msg.kind not in WIRE_KINDS:
+        raise ValueError(f"{msg.kind!r} does not travel in the wire format")
     cells = np.asarray(msg.cells, dtype=np.int64)
     if cells.ndim != 1 or (cells.size and (cells.min() < 0 or cells.max() >= msg.grid.cells)):
         raise ValueError("cells must be flat indices inside the grid")
@@ -294,7 +278,7 @@ class Packet:
     count: int
     capture_time: float
     pose: np.ndarray
-    grid: GridSpec
+    grid: BEVGrid
     codebook_hash: bytes
     bits: int
     cells: np.ndarray
@@ -333,16 +317,16 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
             raise AuthenticationError(f"HMAC of a packet from sender {sender} does not verify with its key")
     elif require_auth:
         raise AuthenticationError(f"packet from sender {sender} is not signed but authentication is required")
-    try:
-        kind = MessageKind(kind)
-    except ValueError:
-        raise MalformedMessage(f"unknown message kind {kind}") from None
+    if kind not in WIRE_KINDS:
+        raise MalformedMessage(f"message kind {kind} is not a wire-format kind (expected one of "
+                               f"{', '.join(f'{k.value} {k.name}' for k in WIRE_KINDS)})")
+    kind = MessageKind(kind)
     if codebook_hash is not None and kind == MessageKind.CODES and cb_hash != codebook_hash:
         raise CodebookMismatch(f"message from sender {sender} was encoded with codebook {cb_hash.hex()}, "
                                f"the receiver holds {codebook_hash.hex()}")
     if index >= count:
         raise MalformedMessage(f"packet index {index} >= packet count {count}")
-    grid = GridSpec(float(x_min), float(y_min), float(cell), int(height), int(width))
+    grid = BEVGrid(float(x_min), float(y_min), float(cell), int(height), int(width))
     pos = _HEADER.size
     index_bytes = data[pos : pos + index_len]
     if len(index_bytes) != index_len:

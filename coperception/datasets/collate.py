@@ -16,7 +16,7 @@ ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ from coperception.config import DatasetConfig, ModelConfig
 from coperception.datasets.types import CooperativeSample
 from coperception.datasets.voxelize import Voxels, voxelize
 from coperception.geometry import transform_points
-from coperception.models.targets import AnchorTargets, assign_targets
+from coperception.types import AgentBatch, AnchorTargets, PillarBatch, TargetBatch
+
+TargetFn = Callable[[np.ndarray], AnchorTargets]  # ground-truth boxes in the ego frame -> anchor targets
 
 InputMode = Literal["ego", "merged", "all", "projected"]
 
@@ -52,42 +54,6 @@ class PreparedSample:
     frame_key: str
     # early fusion: what each non-ego agent sends, (sender, capture time, pose, points in its frame)
     sent_points: list[tuple[int, float, np.ndarray, np.ndarray]]
-
-
-@dataclass
-class AgentBatch:
-    """Collated tensors for a batch of samples (DESIGN §9)."""
-
-    voxels: torch.Tensor  # (P, N, 4)
-    num_points: torch.Tensor  # (P,)
-    coords: torch.Tensor  # (P, 4): agent slot in the batch, z, y, x
-    record_len: list[int]  # agents per sample
-    T_ego_from_agent: torch.Tensor  # (N_total, 4, 4)
-    age: torch.Tensor  # (N_total,)
-    kind: torch.Tensor  # (N_total,)
-
-    @property
-    def n_agents(self) -> int:
-        return int(sum(self.record_len))
-
-    @property
-    def ego_index(self) -> torch.Tensor:
-        """(B,) row of each sample's ego view among the N_total views."""
-        return torch.cumsum(torch.tensor([0] + self.record_len[:-1]), 0)
-
-    @property
-    def is_ego(self) -> torch.Tensor:
-        """(N_total,) bool, true on each sample's ego view."""
-        ego = torch.zeros(self.n_agents, dtype=torch.bool)
-        ego[self.ego_index] = True
-        return ego
-
-
-@dataclass
-class TargetBatch:
-    labels: torch.Tensor  # (B, A)
-    residuals: torch.Tensor  # (B, A, 7)
-    direction: torch.Tensor  # (B, A)
 
 
 def _agent_id(agent_id: str) -> int:
@@ -144,8 +110,8 @@ def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np
 
 
 def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
-                   anchors: np.ndarray | None, rng: np.random.Generator | None = None) -> PreparedSample:
-    """Voxelize the views `mode` asks for and (when `anchors` is given) assign anchor targets.
+                   targets: TargetFn | None = None, rng: np.random.Generator | None = None) -> PreparedSample:
+    """Voxelize the views `mode` asks for and (with `targets`) assign training targets to the ground truth.
 
     With `rng`, training augmentation is applied to the whole cooperative scene in the ego frame:
     a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05]."""
@@ -177,8 +143,8 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
                                     agent.T_world_from_agent, agent.T_world_from_agent))
-    targets = assign_targets(anchors, gt, mcfg.pos_iou, mcfg.neg_iou) if anchors is not None else None
-    return PreparedSample(views, gt, targets, f"{sample.scenario}/{sample.frame}", sent_points)
+    return PreparedSample(views, gt, targets(gt) if targets is not None else None, f"{sample.scenario}/{sample.frame}",
+                          sent_points)
 
 
 def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:
@@ -196,8 +162,9 @@ def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | 
             ages.append(view.age)
             kinds.append(view.kind)
             slot += 1
-    agent_batch = AgentBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords), record_len, torch.stack(transforms),
-                             torch.tensor(ages, dtype=torch.float32), torch.tensor(kinds, dtype=torch.int64))
+    agent_batch = AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
+                             torch.tensor(kinds, dtype=torch.int64),
+                             lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)))
     targets = None
     if all(p.targets is not None for p in batch):
         targets = TargetBatch(torch.from_numpy(np.stack([p.targets.labels for p in batch])),

@@ -12,7 +12,6 @@ import numpy as np
 
 from coperception.config import DatasetConfig
 from coperception.datasets.types import CooperativeSample
-from coperception.errors import CoperceptionError
 from coperception.geometry import in_range_mask
 
 # the ego car's own body in its LiDAR frame (OPV2V vehicles), metres
@@ -76,30 +75,3 @@ class CooperativeDataset(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> CooperativeSample: ...
-
-
-def build_dataset(cfg: DatasetConfig, split: str, root: str | None = None) -> CooperativeDataset:
-    """The reader registered for `cfg.format`, opened on one split."""
-    from coperception.datasets.dair_v2x import DairV2XDataset
-    from coperception.datasets.opv2v import OPV2VDataset
-
-    readers = {"opv2v": OPV2VDataset, "dair-v2x": DairV2XDataset}
-    if cfg.format not in readers:
-        raise CoperceptionError(f"dataset.format {cfg.format!r} has no reader; known: {', '.join(readers)}")
-    return readers[cfg.format](root or cfg.root, split, cfg)
-
-
-class InMemoryDataset:
-    """Every sample of a reader, read once up front (PCD parsing dominates a training step on CPU).
-    DataLoader workers forked afterwards share the arrays copy-on-write."""
-
-    def __init__(self, inner: CooperativeDataset, progress: bool = True, desc: str = "cache samples"):
-        from tqdm import tqdm
-
-        self.samples = [inner[i] for i in tqdm(range(len(inner)), desc=desc, disable=not progress, unit="sample")]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> CooperativeSample:
-        return self.samples[index]

@@ -1,3 +1,3 @@
-"""Fusion of ego-aligned agent features (DESIGN §7): warp once, fuse many."""
+"""Fusion stage: warp once (`warp.warp_to_ego`), then one registered `Fusion` module per method."""
 
-from coperception.fusion import simple  # noqa: F401  (registers the element-wise fusions)
+from coperception.fusion import attention, simple  # noqa: F401  (registration)

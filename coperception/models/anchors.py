@@ -1,37 +1,15 @@
-"""BEV grid specification, anchors and the residual box coder (SECOND / PointPillars style)."""
+"""Anchors and the residual box coder (SECOND / PointPillars style)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from coperception.grid import BEVGrid
+
 DIR_OFFSET = np.pi / 4  # direction bins are split at 45 degrees, away from the common headings
-
-
-@dataclass(frozen=True)
-class BEVGrid:
-    """A BEV raster over `point_range` with `cell` metres per pixel; H along y, W along x."""
-
-    point_range: tuple[float, float, float, float, float, float]
-    cell: float
-
-    @property
-    def width(self) -> int:
-        return int(round((self.point_range[3] - self.point_range[0]) / self.cell))
-
-    @property
-    def height(self) -> int:
-        return int(round((self.point_range[4] - self.point_range[1]) / self.cell))
-
-    def centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) x and y of every cell centre."""
-        xs = self.point_range[0] + (np.arange(self.width) + 0.5) * self.cell
-        ys = self.point_range[1] + (np.arange(self.height) + 0.5) * self.cell
-        x, y = np.meshgrid(xs, ys)
-        return x, y
 
 
 def make_anchors(grid: BEVGrid, size: Sequence[float], z_centre: float, yaws: Sequence[float]) -> np.ndarray:

@@ -16,8 +16,6 @@ class HeadOutput:
     cls: torch.Tensor
     reg: torch.Tensor
     direction: torch.Tensor
-    aux_loss: torch.Tensor | None = None  # e.g. the codebook commitment loss of the messages
-    ego_alone: "HeadOutput | None" = None  # training with ego supervision: the head on the ego's own features
 
 
 class AnchorHead(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from coperception.models.anchors import BEVGrid
+from coperception.grid import BEVGrid
 
 
 class PillarFeatureNet(nn.Module):
@@ -26,8 +26,8 @@ class PillarFeatureNet(nn.Module):
         mask = (torch.arange(n, device=voxels.device)[None, :] < num_points[:, None]).to(voxels.dtype)  # (P, N)
         xyz = voxels[..., :3]
         mean = (xyz * mask[..., None]).sum(dim=1, keepdim=True) / num_points.clamp(min=1)[:, None, None].to(voxels.dtype)
-        cx = self.grid.point_range[0] + (coords[:, 3].to(voxels.dtype) + 0.5) * self.grid.cell
-        cy = self.grid.point_range[1] + (coords[:, 2].to(voxels.dtype) + 0.5) * self.grid.cell
+        cx = self.grid.x_min + (coords[:, 3].to(voxels.dtype) + 0.5) * self.grid.cell
+        cy = self.grid.y_min + (coords[:, 2].to(voxels.dtype) + 0.5) * self.grid.cell
         centre = torch.stack([cx, cy, torch.full_like(cx, self.z_centre)], dim=-1)[:, None, :]
         feats = torch.cat([voxels, xyz - mean, xyz - centre], dim=-1) * mask[..., None]
         x = self.linear(feats)  # (P, N, C)

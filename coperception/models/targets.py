@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from coperception.geometry import rotated_iou_bev
 from coperception.models.anchors import direction_bin, encode_boxes
-
-
-@dataclass
-class AnchorTargets:
-    """Per anchor (flattened H*W*R): label 1 positive / 0 negative / -1 ignored, residuals, direction bin."""
-
-    labels: np.ndarray  # (A,) int64
-    residuals: np.ndarray  # (A, 7) float32, zero where not positive
-    direction: np.ndarray  # (A,) int64
+from coperception.types import AnchorTargets
 
 
 def assign_targets(anchors: np.ndarray, gt_boxes: np.ndarray, pos_iou: float, neg_iou: float) -> AnchorTargets:

@@ -1,29 +1,34 @@
-"""Sparse messages end to end at inference: select -> (quantize) -> wire packets -> channel -> decode -> fuse.
+"""Delivering intermediate-cooperation messages at evaluation: select -> code -> wire packets ->
+channel -> decode, frame after frame.
 
 A `CommSession` runs over the frames of a split in order. At every frame each sender encodes its
-selected cells into packets and pushes them through its link; the ego then fuses, per sender, the
-newest message whose delivered packets have all arrived by the ego's capture time (an older frame
-under delay), rebuilt from the bytes that arrived and warped with the pose the message carries.
-Byte counts are the lengths of the packets the ego received.
+selected cells into packets and pushes them through its link; the ego then receives, per sender,
+the newest message whose delivered packets have all arrived by its capture time plus the fusion
+deadline (an older frame under delay), rebuilt from the bytes that arrived, with the pose the
+message carries. The session only delivers: the ego side that fuses is the one training uses.
+Byte counts are the lengths of the packets the ego received. Dense maps are not pushed through the
+channel (they would not fit it); they are delivered whole, counted at their serialized size.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from coperception.comm.channel import Channel, Transmission, newest_arrived
-from coperception.comm.select import select_for_senders
-from coperception.comm.wire import GridSpec, Message, MessageKind, decode_packets, encode_message
+from coperception.comm.kinds import MessageKind
+from coperception.comm.wire import Message, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.datasets.collate import PreparedSample
-from coperception.fusion.base import FusionMeta, warp_to_ego
 from coperception.geometry import invert
-from coperception.models.detector import PointPillars
-from coperception.models.heads import HeadOutput
+from coperception.pipeline.ego import Delivery
+
+if TYPE_CHECKING:
+    from coperception.pipeline.model import CooperativeModel
 
 
 def agent_key(seed: int, sender: int) -> bytes:
@@ -37,23 +42,24 @@ class FrameComm:
 
     delivered_bytes: dict[int, int]  # per sender, bytes of this frame's packets that arrived
     request_bytes: int  # the ego's information-filling request (0 without filling)
-    fused_ages: dict[int, float]  # per sender whose message was fused: ego time - capture time
+    fused_ages: dict[int, float]  # per sender whose message was delivered: ego time - capture time
 
 
 @dataclass
 class CommSession:
-    model: PointPillars
-    cfg: CommConfig
-    codes: bool  # codebook codes (else fp32 values)
+    model: "CooperativeModel"
+    cfg: CommConfig  # channel and signing (selection and codec are the model's agent side)
     queues: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
     sequence: int = 0
 
     def __post_init__(self) -> None:
+        if self.model.agent is None:
+            raise ValueError("a comm session needs a model with an agent side (intermediate cooperation)")
+        self.agent = self.model.agent
+        self.codec = self.agent.codec
         self.channel = Channel(self.cfg.channel, np.random.default_rng(self.cfg.channel.seed))
-        g = self.model.feature_grid
-        r = g.point_range
-        self.grid = GridSpec(float(r[0]), float(r[1]), float(g.cell), g.height, g.width)
-        self.codebook_hash = self.model.quantizer.digest() if self.codes and self.model.quantizer is not None else None
+        self.grid = self.model.feature_grid
+        self.codebook_hash = self.codec.digest()
         self.keys: dict[int, bytes] = {}
 
     def _key(self, sender: int) -> bytes | None:
@@ -65,45 +71,47 @@ class CommSession:
         cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
         vectors = feats.flatten(1)[:, cells].T.contiguous()  # (N, C)
         self.sequence += 1
-        if self.codes:
-            assert self.model.quantizer is not None and self.codebook_hash is not None
-            codes = self.model.quantizer.encode(vectors).cpu().numpy()
-            return Message(MessageKind.CODES, sender, self.sequence, capture_time, pose, self.grid, cells.cpu().numpy(),
-                           codes=codes, bits=self.model.quantizer.bits, codebook_hash=self.codebook_hash)
-        return Message(MessageKind.SPARSE_FP32, sender, self.sequence, capture_time, pose, self.grid, cells.cpu().numpy(),
-                       values=vectors.cpu().numpy().astype(np.float32))
+        extra = {"codebook_hash": self.codebook_hash} if self.codebook_hash is not None else {}
+        return Message(sender=sender, sequence=self.sequence, capture_time=capture_time, pose=pose, grid=self.grid,
+                       cells=cells.cpu().numpy(), **self.codec.payload(vectors), **extra)
 
-    def _rebuild(self, msg: Message, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rebuild(self, msg: Message, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded message -> (C, H, W) features (zeros where nothing arrived) and (H, W) arrived mask."""
-        H, W = self.grid.height, self.grid.width
-        flat = torch.zeros(channels, H * W)
-        arrived = torch.zeros(H * W, dtype=torch.bool)
-        cells = torch.from_numpy(msg.cells)
+        C, H, W = like.shape
+        flat = like.new_zeros(C, H * W)
+        arrived = torch.zeros(H * W, dtype=torch.bool, device=like.device)
+        cells = torch.from_numpy(msg.cells).to(like.device)
         if len(cells):
-            if msg.kind == MessageKind.CODES:
-                assert self.model.quantizer is not None
-                vectors = self.model.quantizer.decode(torch.from_numpy(msg.codes))
-            else:
-                vectors = torch.from_numpy(msg.values)
-            flat[:, cells] = vectors.T
+            flat[:, cells] = self.codec.vectors(msg).to(like.device, like.dtype).T
             arrived[cells] = True
-        return flat.view(channels, H, W), arrived.view(H, W)
+        return flat.view(C, H, W), arrived.view(H, W)
+
+    def _whole(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, "FrameComm"]:
+        """Dense maps: every view delivered at once, counted at its serialized size."""
+        views = sample.agents
+        sent = {v.sender: self.codec.dense_bytes(feats[k], v.sender, v.capture_time, v.T_ego_from_frame)
+                for k, v in enumerate(views) if k > 0}
+        T = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views]).astype(np.float32)).to(feats.device)
+        age = torch.tensor([v.age for v in views], dtype=torch.float32, device=feats.device)
+        kind = torch.tensor([v.kind for v in views], dtype=torch.int64, device=feats.device)
+        return Delivery(feats, None, [len(views)], T, age, kind), FrameComm(sent, 0, {v.sender: v.age for v in views[1:]})
 
     @torch.no_grad()
-    def run(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[HeadOutput, FrameComm]:
-        """feats (n, C, H, W): this sample's views (ego first), each in its own frame."""
+    def deliver(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, FrameComm]:
+        """feats (n, C, H, W): this sample's views (ego first), each in its own frame -> what the ego holds."""
+        if not self.codec.sparse:
+            return self._whole(feats, sample)
         scenario = sample.frame_key.split("/")[0]
         views = sample.agents
         ego_time = views[0].capture_time
-        model = self.model
-        conf = model.head.confidence_map(feats)
+        conf = self.model.confidence(feats)
         T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)) if len(views) > 1 \
             else torch.zeros(0, 4, 4)
-        masks, request = select_for_senders(conf[0], conf[1:], T_now, model.feature_grid, self.cfg.selection)
+        masks, request = self.agent.select(conf[0], conf[1:], T_now)
         request_bytes = 0
         if request is not None and bool(request.any()):  # an empty request is not sent: no news covers nothing
             req = Message(MessageKind.REQUEST, views[0].sender, self.sequence, ego_time, views[0].T_world_from_agent,
-                          self.grid, torch.nonzero(request.flatten(), as_tuple=True)[0].numpy())
+                          self.grid, torch.nonzero(request.flatten(), as_tuple=True)[0].cpu().numpy())
             request_bytes = sum(len(p) for p in encode_message(req, self.cfg.channel.mtu, self._key(views[0].sender)))
         delivered = {}
         for k, view in enumerate(views[1:]):
@@ -115,9 +123,9 @@ class CommSession:
             tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
             delivered[view.sender] = tx.delivered_bytes
-        # fuse: the ego's own features plus the newest arrived message of each current sender
+        # the ego's own features plus the newest arrived message of each current sender
         T_world_from_ego = views[0].T_world_from_agent
-        chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool)]
+        chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages = {}
         for view in views[1:]:
@@ -131,18 +139,16 @@ class CommSession:
                 continue  # too old to help: the ego detects without this sender
             msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys if self.cfg.sign else None,
                                  codebook_hash=self.codebook_hash, require_auth=self.cfg.sign)
-            f, arrived = self._rebuild(msg, feats.shape[1])
+            f, arrived = self._rebuild(msg, feats[0])
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
             transforms.append(invert(T_world_from_ego) @ msg.pose)
             ages.append(ego_time - msg.capture_time)
             kinds.append(view.kind)
             fused_ages[view.sender] = ego_time - msg.capture_time
-        stacked = torch.stack(chosen_feats)
-        T = torch.from_numpy(np.stack(transforms).astype(np.float32))
+        T = torch.from_numpy(np.stack(transforms).astype(np.float32)).to(feats.device)
         T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
-        warped, valid = warp_to_ego(stacked, [len(chosen_feats)], T, model.feature_grid, torch.stack(chosen_arrived))
-        meta = FusionMeta(torch.tensor([ages], dtype=torch.float32), torch.tensor([kinds], dtype=torch.int64), T[None])
-        assert model.fusion is not None
-        out = model.head(model.fusion(warped, valid, meta))
-        return out, FrameComm(delivered, request_bytes, fused_ages)
+        delivery = Delivery(torch.stack(chosen_feats), torch.stack(chosen_arrived), [len(chosen_feats)], T,
+                            torch.tensor(ages, dtype=torch.float32, device=feats.device),
+                            torch.tensor(kinds, dtype=torch.int64, device=feats.device))
+        return delivery, FrameComm(delivered, request_bytes, fused_ages)

@@ -17,10 +17,26 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from coperception.config import ExperimentConfig
-from coperception.datasets.cooperative import CooperativeDataset, InMemoryDataset, build_dataset
+from coperception.datasets.cooperative import CooperativeDataset
+from coperception.datasets.readers import InMemoryDataset, build_dataset
 from coperception.evaluate import evaluate_method, report
 from coperception.io import write_json
-from coperception.train import load_model, train
+from coperception.pipeline.model import load_model
+from coperception.train import train
+
+# what the benchmarks compare, as (strategy, codec) over max fusion; report keys stay the familiar names
+VARIANTS: dict[str, dict[str, str]] = {
+    "none": {"strategy": "none"}, "late": {"strategy": "late"}, "early": {"strategy": "early"},
+    "max": {"strategy": "intermediate", "codec": "dense", "fusion": "max"},
+    "where2comm": {"strategy": "intermediate", "codec": "sparse", "fusion": "max"},
+    "codebook": {"strategy": "intermediate", "codec": "codebook", "fusion": "max"},
+}
+
+
+def variant(cfg: ExperimentConfig, name: str, train: dict[str, Any] | None = None, **comm: dict[str, Any]
+            ) -> ExperimentConfig:
+    """`cfg` running the benchmark variant `name` (a key of VARIANTS)."""
+    return cfg.variant(**VARIANTS[name], train=train, **comm)
 
 
 def codebook_name(spec: tuple[int, int, int]) -> str:
@@ -47,17 +63,18 @@ def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Pat
         log(f"reusing {target}")
         return target
     sections = {"codebook": codebook_shape(codebook)} if codebook else {}
-    run = cfg.for_method(method, train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
+    run = variant(cfg, method, train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
                                         "freeze_detector": frozen}, **sections)
     log(f"fine-tuning {target.parent.name} from {start} ({epochs} epochs)")
     train(run, sample_cache=sample_cache, progress=False)
     return target
 
 
-def _eval(model, cfg: ExperimentConfig, method: str, split: str, data: CooperativeDataset, log: Callable[[str], None],
+def _eval(checkpoint: Path, cfg: ExperimentConfig, split: str, data: CooperativeDataset, log: Callable[[str], None],
           label: str) -> dict[str, Any]:
+    """Evaluate `checkpoint` as `cfg` describes (its selection, codec and channel settings)."""
     t0 = time.perf_counter()
-    entry = evaluate_method(model, cfg, split, method, progress=False, dataset=data)
+    entry = evaluate_method(load_model(checkpoint, cfg), cfg, split, progress=False, dataset=data)
     entry.pop("frames", None)
     log(f"{label:<40} AP@0.5 {entry['ap']['0.5']:.3f}  bytes/agent/frame {entry['bytes_per_agent_frame']:>12.0f}  "
         f"({time.perf_counter() - t0:.0f} s)")
@@ -85,18 +102,16 @@ def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, t
                           ("max", tuned["max"])):
         if trained is None:
             continue
-        run = cfg.for_method(name)
-        methods[name] = _eval(load_model(trained, run), run, name, split, data, log, name)
+        methods[name] = _eval(trained, variant(cfg, name), split, data, log, name)
 
     def sweep(checkpoint: Path, method: str, curve: str, **sections: Any) -> list[dict[str, Any]]:
-        """Every threshold, without and with filling. Selection settings reach the comm session through
-        each run's config, so one loaded model serves every point."""
-        model = load_model(checkpoint, cfg.for_method(method, **sections))
+        """Every threshold, without and with filling (the model is built from each point's config: its
+        agent side selects with that point's settings)."""
         entries = []
         for filling in (False, True):
             for threshold in thresholds:
-                run = cfg.for_method(method, selection={"threshold": threshold, "filling": filling}, **sections)
-                entry = _eval(model, run, method, split, data, log, f"{curve} thr={threshold} filling={filling}")
+                run = variant(cfg, method, selection={"threshold": threshold, "filling": filling}, **sections)
+                entry = _eval(checkpoint, run, split, data, log, f"{curve} thr={threshold} filling={filling}")
                 entry["params"]["curve"] = curve + (" + filling" if filling else "")
                 entries.append(entry)
         return entries
@@ -189,18 +204,16 @@ def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Pa
                        ("0.5 m / 1 deg", {"pose_noise_m": 0.5, "pose_noise_deg": 1.0})],
     }
     results: dict[str, list[dict[str, Any]]] = {}
-    model = load_model(checkpoint, cfg.for_method("codebook"))  # channel settings live in each run's config
     for sweep, settings in sweeps.items():
         results[sweep] = []
         for label, channel in settings:
-            run = cfg.for_method("codebook", channel=channel)
-            entry = _eval(model, run, "codebook", split, data, log, f"{sweep} {label}")
+            run = variant(cfg, "codebook", channel=channel)
+            entry = _eval(checkpoint, run, split, data, log, f"{sweep} {label}")
             entry["params"]["setting"] = label
             results[sweep].append(entry)
     methods = {}
     if ego_checkpoint is not None:
-        run = cfg.for_method("none")
-        methods["none"] = {**_eval(load_model(ego_checkpoint, run), run, "none", split, data, log, "ego only"),
+        methods["none"] = {**_eval(ego_checkpoint, variant(cfg, "none"), split, data, log, "ego only"),
                            "frames": len(data)}
     rep = report(methods, f"{cfg.dataset.format}:{cfg.dataset.root}", split)
     rep["frames"] = len(data)
