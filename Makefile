@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/coperception demo
 
+# every test, the end-to-end ones marked `slow` included (plain `pytest` skips those for a quick loop)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"
 
 clean:
 	rm -rf $(VENV) outputs

@@ -36,7 +36,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds))
     was_training = model.training
     model.eval()
-    session = CommSession(model, cfg.comm) if strategy.sends_features else None
+    session = CommSession(model.agent, model.confidence, cfg.comm) if model.agent is not None else None
     sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, request_bytes, fused_ages = [], [], [], []
     model_ms = []

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
+from coperception.bench import equal_ap_comparisons
 from coperception.checkpoint import load_checkpoint
 from coperception.cli import app
-from coperception.bench import equal_ap_comparisons
 from coperception.train import train
 
 from test_comm_pipeline import comm_config
 from test_train import TINY
 
 
+@pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
 def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     runs = tmp_path / "runs"
     train(comm_config(opv2v_set, runs / "max", "cooperation.strategy=intermediate", "fusion.method=max", "train.max_steps=2"), progress=False)

@@ -66,3 +66,35 @@ def test_comm_and_demo_sections_are_validated():
         load_config(None, ["demo.fusion_methods=[early]", "demo.eval_methods=[none, max]"])
     with pytest.raises(ConfigError, match=r"comm\.channel\.loss_rate"):
         load_config(None, ["comm.channel.loss_rate=1.5"])
+
+
+@pytest.mark.parametrize("old, advice", [("where2comm", "comm.codec: sparse"), ("codebook", "comm.codec: codebook"),
+                                         ("late", "cooperation.strategy: late"), ("none", "cooperation.strategy: none")])
+def test_old_method_names_say_what_to_write_instead(old, advice):
+    with pytest.raises(ConfigError, match=advice):
+        load_config(None, [f"fusion.method={old}"])
+    with pytest.raises(ConfigError, match="cooperation.project_first"):
+        load_config(None, ["fusion.project_first=false"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("cooperation.strategy=mid", r"cooperation.strategy 'mid' is unknown; known: early, intermediate, late, none"),
+    ("comm.codec=zip", r"comm.codec 'zip' is unknown; known: codebook, dense, sparse"),
+    ("fusion.method=sum", r"fusion.method 'sum' is unknown; known: attention, max, mean"),
+    ("model.encoders={default: voxelnet}", r"model.encoders 'voxelnet' is unknown; known: .*pointpillars"),
+    ("demo.fusion_methods=[early, max, sum]", r"demo.fusion_methods: .sum. is neither"),
+])
+def test_names_are_checked_against_the_registries(override, message):
+    from coperception.pipeline.model import validate_config
+
+    cfg = load_config(None, [override])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+def test_a_fusions_name_is_not_checked_when_no_features_are_sent():
+    from coperception.pipeline.model import validate_config
+
+    validate_config(load_config(None, ["cooperation.strategy=late", "comm.codec=anything"]))
+    with pytest.raises(ConfigError, match="encoders: keys are agent kinds"):
+        load_config(None, ["model.encoders={car: pointpillars}"])

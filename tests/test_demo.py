@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from coperception.cli import app
@@ -12,6 +13,7 @@ from test_simulate_cli import SMALL
 from test_train import TINY
 
 
+@pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
 def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     data, out = tmp_path / "world", tmp_path / "demo"
     sets = [a for s in [f"dataset.root={data}", "simulator.scenarios={train: 2, validate: 1, test: 1}", "simulator.frames=2",

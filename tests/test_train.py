@@ -141,6 +141,7 @@ def _run_one_step(config_file: Path, data_root: Path, out_dir: Path, splits: str
     return train(cfg, progress=False)
 
 
+@pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
 @pytest.mark.parametrize("method", ["none", "early", "late", "max"])
 def test_real_data_configs_train_one_step_on_simulated_data(method, opv2v_set, dair_set, tmp_path):
     for folder, data in (("opv2v", opv2v_set), ("dair_v2x", dair_set)):
@@ -153,6 +154,7 @@ def test_real_data_configs_train_one_step_on_simulated_data(method, opv2v_set, d
     assert load_config(REPO / "configs" / "opv2v" / "base.yaml").model.voxel_size == (0.4, 0.4, 4.0)
 
 
+@pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
 def test_torchrun_two_processes_ddp(opv2v_set, tmp_path):
     cfg_path = tmp_path / "ddp.yaml"
     cfg = {"dataset": {"root": str(opv2v_set.root), "train_split": "test", "val_split": "test", "eval_split": "test"},

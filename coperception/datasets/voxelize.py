@@ -18,7 +18,6 @@ class Voxels:
     voxels: np.ndarray  # (P, max_points, C) float32, zero padded
     coords: np.ndarray  # (P, 3) int32 voxel index (z, y, x)
     num_points: np.ndarray  # (P,) int32
-    grid_size: tuple[int, int, int]  # (nx, ny, nz)
 
 
 def grid_size(point_range: Sequence[float], voxel_size: Sequence[float]) -> tuple[int, int, int]:
@@ -55,7 +54,7 @@ def voxelize(points: np.ndarray, point_range: Sequence[float], voxel_size: Seque
         keep = slot < max_points
         voxels[voxel_of[keep], slot[keep]] = pts[order[:n_kept_points][keep]]
     coords = np.column_stack([keys // (nx * ny), (keys // nx) % ny, keys % nx]).astype(np.int32)
-    return Voxels(voxels, coords, np.minimum(counts, max_points).astype(np.int32), (nx, ny, nz))
+    return Voxels(voxels, coords, np.minimum(counts, max_points).astype(np.int32))
 
 
 def voxelize_reference(points: np.ndarray, point_range: Sequence[float], voxel_size: Sequence[float], max_points: int,
@@ -77,4 +76,4 @@ def voxelize_reference(points: np.ndarray, point_range: Sequence[float], voxel_s
         kept = buckets[key][:max_points]
         voxels[j, : len(kept)] = kept
         nums.append(len(kept))
-    return Voxels(voxels, np.array(keys, dtype=np.int32).reshape(-1, 3), np.array(nums, dtype=np.int32), (nx, ny, nz))
+    return Voxels(voxels, np.array(keys, dtype=np.int32).reshape(-1, 3), np.array(nums, dtype=np.int32))

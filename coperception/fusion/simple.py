@@ -22,5 +22,6 @@ class MeanFusion(Fusion):
     """Per cell, the mean over agents whose message covers the cell."""
 
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
-        w = valid[:, :, None].to(features.dtype)
-        return (features * w).sum(dim=1) / w.sum(dim=1).clamp(min=1)
+        w = valid[:, :, None]
+        total = features.masked_fill(~w, 0.0).sum(dim=1)  # what is not valid (even NaN) stays out
+        return total / w.sum(dim=1).clamp(min=1).to(features.dtype)

@@ -36,14 +36,11 @@ class AgentSide(nn.Module):
 
     def selected(self, conf: torch.Tensor, batch: AgentBatch) -> torch.Tensor:
         """(N_total, H, W) bool: every cell of an ego view, the cells each sender selects for its ego."""
-        arrived = torch.ones_like(conf, dtype=torch.bool)
-        start = 0
-        for n in batch.record_len:
-            if n > 1:
-                arrived[start + 1 : start + n] = self.select(conf[start], conf[start + 1 : start + n],
-                                                             batch.T_ego_from_agent[start + 1 : start + n])[0]
-            start += n
-        return arrived
+        arrived = []
+        for c, T in zip(conf.split(batch.record_len), batch.T_ego_from_agent.split(batch.record_len)):
+            masks = self.select(c[0], c[1:], T[1:])[0] if len(c) > 1 else c[1:].bool()
+            arrived.append(torch.cat([torch.ones_like(c[:1], dtype=torch.bool), masks]))
+        return torch.cat(arrived)
 
     def sent_cells(self, conf: torch.Tensor, batch: AgentBatch) -> tuple[torch.Tensor, ...]:
         """(view, row, col) of every cell the senders of `batch` transmit."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import numpy as np
 import torch
@@ -25,10 +25,8 @@ from coperception.comm.wire import Message, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.datasets.collate import PreparedSample
 from coperception.geometry import invert
+from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.ego import Delivery
-
-if TYPE_CHECKING:
-    from coperception.pipeline.model import CooperativeModel
 
 
 def agent_key(seed: int, sender: int) -> bytes:
@@ -47,18 +45,16 @@ class FrameComm:
 
 @dataclass
 class CommSession:
-    model: "CooperativeModel"
-    cfg: CommConfig  # channel and signing (selection and codec are the model's agent side)
+    agent: AgentSide  # the model's selection and codec
+    confidence: Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) features -> (n, H, W) confidence maps
+    cfg: CommConfig  # channel and signing
     queues: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
     sequence: int = 0
 
     def __post_init__(self) -> None:
-        if self.model.agent is None:
-            raise ValueError("a comm session needs a model with an agent side (intermediate cooperation)")
-        self.agent = self.model.agent
         self.codec = self.agent.codec
         self.channel = Channel(self.cfg.channel, np.random.default_rng(self.cfg.channel.seed))
-        self.grid = self.model.feature_grid
+        self.grid = self.agent.grid
         self.codebook_hash = self.codec.digest()
         self.keys: dict[int, bytes] = {}
 
@@ -104,7 +100,7 @@ class CommSession:
         scenario = sample.frame_key.split("/")[0]
         views = sample.agents
         ego_time = views[0].capture_time
-        conf = self.model.confidence(feats)
+        conf = self.confidence(feats)
         T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)) if len(views) > 1 \
             else torch.zeros(0, 4, 4)
         masks, request = self.agent.select(conf[0], conf[1:], T_now)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -20,14 +20,31 @@ from coperception.datasets.collate import InputMode, PreparedSample
 from coperception.geometry import transform_boxes
 from coperception.models.heads import HeadOutput
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
-from coperception.pipeline.agent import drop_messages
+from coperception.pipeline.agent import AgentSide, drop_messages
 from coperception.pipeline.ego import Delivery
 from coperception.registry import Registry
 from coperception.types import AgentBatch
 
 if TYPE_CHECKING:
-    from coperception.pipeline.model import CooperativeModel
     from coperception.pipeline.session import CommSession
+
+
+class CooperativeParts(Protocol):
+    """What a strategy runs on (`pipeline.model.CooperativeModel` provides it)."""
+
+    training: bool
+    anchors: torch.Tensor
+    agent: AgentSide | None
+    message_dropout: float
+    ego_loss: bool
+
+    def head(self, features: torch.Tensor) -> HeadOutput: ...
+
+    def encode(self, batch: AgentBatch) -> torch.Tensor: ...
+
+    def confidence(self, feats: torch.Tensor) -> torch.Tensor: ...
+
+    def receive(self, delivery: Delivery) -> HeadOutput: ...
 
 
 @dataclass
@@ -56,12 +73,12 @@ class Strategy:
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return self.train_mode if training else self.infer_mode
 
-    def train_forward(self, model: "CooperativeModel", batch: AgentBatch) -> TrainOutput:
+    def train_forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
         """Detect from each sample's first view (the ego's, or the merged cloud)."""
         feats = model.encode(batch)
         return TrainOutput(model.head(feats[batch.ego_index.to(feats.device)]))
 
-    def detect(self, model: "CooperativeModel", batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
                nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
         out = self.train_forward(model, batch).head
         return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold),
@@ -93,12 +110,12 @@ class LateFusion(Strategy):
 
     name, train_mode, infer_mode = "late", "ego", "all"
 
-    def detect(self, model: "CooperativeModel", batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
                nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
         per_view = decode_detections(model.head(model.encode(batch)), model.anchors, score_threshold, nms_threshold)
         detections, sizes = [], []
-        start = 0
-        for p in prepared:
+        starts = np.cumsum([0] + batch.record_len[:-1])
+        for p, start in zip(prepared, starts):
             boxes, scores, sent = [], [], []
             for k, view in enumerate(p.agents):
                 d = per_view[start + k]
@@ -110,7 +127,6 @@ class LateFusion(Strategy):
             keep = rotated_nms(all_boxes, all_scores, nms_threshold)
             detections.append(Detections(all_boxes[keep], all_scores[keep], np.zeros(len(keep), dtype=np.int64)))
             sizes.append(sent)
-            start += len(p.agents)
         return StrategyOutput(detections, sizes)
 
 
@@ -124,7 +140,7 @@ class IntermediateFusion(Strategy):
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return "projected" if project_first else "all"
 
-    def train_forward(self, model: "CooperativeModel", batch: AgentBatch) -> TrainOutput:
+    def train_forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
         assert model.agent is not None
         feats = model.encode(batch)
         kept = drop_messages(batch, model.message_dropout, feats) if model.training and model.message_dropout > 0 else None
@@ -133,20 +149,17 @@ class IntermediateFusion(Strategy):
         delivery, aux = model.agent.training_delivery(feats, conf, batch, kept)
         return TrainOutput(model.receive(delivery), aux, alone)
 
-    def detect(self, model: "CooperativeModel", batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
                nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
         if session is None:
             raise ValueError("intermediate cooperation delivers its messages through a CommSession")
         feats = model.encode(batch)
         deliveries, sizes, requests, ages = [], [], [], []
-        start = 0
-        for p in prepared:
-            n = len(p.agents)
-            delivery, stats = session.deliver(feats[start : start + n], p)
+        for p, views in zip(prepared, feats.split(batch.record_len)):
+            delivery, stats = session.deliver(views, p)
             deliveries.append(delivery)
             sizes.append(list(stats.delivered_bytes.values()))
             requests.append(stats.request_bytes)
             ages.append(list(stats.fused_ages.values()))
-            start += n
         out = model.receive(Delivery.cat(deliveries))
         return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages)
