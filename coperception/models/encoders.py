@@ -38,6 +38,8 @@ class BEVEncoder(nn.Module, abc.ABC):
                               f"preparation did not provide")
 
 
+KIND_NAMES = ("vehicle", "rsu")  # AgentBatch.kind 0, 1
+
 ENCODERS: Registry[Callable[[ModelConfig, DatasetConfig], BEVEncoder]] = Registry("model.encoders")
 
 
@@ -67,3 +69,33 @@ class PointPillarsEncoder(BEVEncoder):
         if feats.shape[-2:] != (self.grid.height, self.grid.width):
             feats = nn.functional.interpolate(feats, size=(self.grid.height, self.grid.width), mode="nearest")
         return feats
+
+
+class EncoderSet(nn.Module):
+    """The BEV encoder of every agent kind (`model.encoders`); kinds naming the same encoder share it."""
+
+    def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig):
+        super().__init__()
+        self.by_kind = dict(mcfg.encoders)
+        self.nets = nn.ModuleDict({name: ENCODERS.get(name)(mcfg, dcfg) for name in dict.fromkeys(self.by_kind.values())})
+        first: BEVEncoder = next(iter(self.nets.values()))  # type: ignore[assignment]
+        for name, net in self.nets.items():
+            if net.grid != first.grid or net.out_channels != first.out_channels:
+                raise ConfigError(f"model.encoders: {name!r} gives {net.out_channels} channels on {net.grid}, "
+                                  f"another encoder {first.out_channels} on {first.grid}; all must share grid and channels")
+        self.grid, self.out_channels = first.grid, first.out_channels
+
+    def forward(self, batch: AgentBatch) -> torch.Tensor:
+        """(N_total, C, H, W) features of every view, each by its agent kind's encoder."""
+        names = [self.by_kind.get(KIND_NAMES[int(k)], self.by_kind["default"]) for k in batch.kind.tolist()]
+        if len(set(names)) == 1:
+            return self.nets[names[0]](batch)
+        out: torch.Tensor | None = None
+        for name in dict.fromkeys(names):
+            views = torch.tensor([i for i, n in enumerate(names) if n == name])
+            feats = self.nets[name](batch.subset_views(views))
+            if out is None:
+                out = feats.new_zeros(len(names), *feats.shape[1:])
+            out[views.to(feats.device)] = feats
+        assert out is not None
+        return out

@@ -14,50 +14,17 @@ from tqdm import tqdm
 
 from coperception.checkpoint import check_architecture, load_checkpoint, load_state_strict
 from coperception.comm.codecs import CODECS
-from coperception.config import BASELINE_STRATEGIES, DatasetConfig, ExperimentConfig, ModelConfig
+from coperception.config import BASELINE_STRATEGIES, ExperimentConfig
 from coperception.errors import ConfigError
 from coperception.fusion.base import FUSIONS, build_fusion, fusion_settings
 from coperception.models.anchors import make_anchors
-from coperception.models.encoders import ENCODERS, BEVEncoder
+from coperception.models.encoders import ENCODERS, EncoderSet
 from coperception.models.heads import AnchorHead, HeadOutput
 from coperception.models.targets import assign_targets
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.ego import Delivery, EgoSide
 from coperception.pipeline.strategies import STRATEGIES, Strategy, TrainOutput
 from coperception.types import AgentBatch, AnchorTargets
-
-KIND_NAMES = ("vehicle", "rsu")  # AgentBatch.kind 0, 1
-
-
-class EncoderSet(nn.Module):
-    """The BEV encoder of every agent kind (`model.encoders`); kinds naming the same encoder share it."""
-
-    def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig):
-        super().__init__()
-        self.by_kind = dict(mcfg.encoders)
-        self.nets = nn.ModuleDict({name: ENCODERS.get(name)(mcfg, dcfg) for name in dict.fromkeys(self.by_kind.values())})
-        first: BEVEncoder = next(iter(self.nets.values()))  # type: ignore[assignment]
-        for name, net in self.nets.items():
-            if net.grid != first.grid or net.out_channels != first.out_channels:
-                raise ConfigError(f"model.encoders: {name!r} gives {net.out_channels} channels on {net.grid}, "
-                                  f"another encoder {first.out_channels} on {first.grid}; all must share grid and channels")
-        self.grid, self.out_channels = first.grid, first.out_channels
-
-    def forward(self, batch: AgentBatch) -> torch.Tensor:
-        """(N_total, C, H, W) features of every view, each by its agent kind's encoder."""
-        names = [self.by_kind.get(KIND_NAMES[int(k)], self.by_kind["default"]) for k in batch.kind.tolist()]
-        if len(set(names)) == 1:
-            return self.nets[names[0]](batch)
-        out: torch.Tensor | None = None
-        for name in dict.fromkeys(names):
-            views = torch.tensor([i for i, n in enumerate(names) if n == name])
-            feats = self.nets[name](batch.subset_views(views))
-            if out is None:
-                out = feats.new_zeros(len(names), *feats.shape[1:])
-            out[views.to(feats.device)] = feats
-        assert out is not None
-        return out
-
 
 class CooperativeModel(nn.Module):
     def __init__(self, cfg: ExperimentConfig):
@@ -110,7 +77,7 @@ class CooperativeModel(nn.Module):
 
     def forward(self, batch: AgentBatch) -> TrainOutput:
         """Training forward of the configured cooperation strategy."""
-        return self.strategy.train_forward(self, batch)
+        return self.strategy.forward(self, batch)
 
 
 def validate_config(cfg: ExperimentConfig) -> None:

@@ -73,18 +73,22 @@ class Strategy:
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return self.train_mode if training else self.infer_mode
 
-    def train_forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
-        """Detect from each sample's first view (the ego's, or the merged cloud)."""
+    def forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
+        """The model's forward pass under this strategy (what training optimises): here, detect from
+        each sample's first view (the ego's, or the merged cloud)."""
         feats = model.encode(batch)
         return TrainOutput(model.head(feats[batch.ego_index.to(feats.device)]))
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
                nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
-        out = self.train_forward(model, batch).head
+        """Inference on a collated batch: detections per sample in the ego frame and the measured bytes
+        each sender sent (`session`: what delivers intermediate messages)."""
+        out = self.forward(model, batch).head
         return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold),
                               [self.sent_bytes(p) for p in prepared])
 
     def sent_bytes(self, sample: PreparedSample) -> list[int]:
+        """Serialized size of what each non-ego agent sends for `sample` (nothing by default)."""
         return []
 
 
@@ -140,7 +144,8 @@ class IntermediateFusion(Strategy):
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return "projected" if project_first else "all"
 
-    def train_forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
+    def forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
+        """Training: messages reach the ego directly (optionally dropped), through the same ego side."""
         assert model.agent is not None
         feats = model.encode(batch)
         kept = drop_messages(batch, model.message_dropout, feats) if model.training and model.message_dropout > 0 else None
