@@ -19,7 +19,7 @@ from test_train import TINY
 @pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
 def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     runs = tmp_path / "runs"
-    train(comm_config(opv2v_set, runs / "max", "cooperation.strategy=intermediate", "fusion.method=max", "train.max_steps=2"), progress=False)
+    train(comm_config(opv2v_set, runs / "max", "cooperation.strategy=intermediate", "train.max_steps=2"), progress=False)
     sets = [a for s in [f"dataset.root={opv2v_set.root}", "dataset.eval_split=test", "dataset.val_split=test",
                         "dataset.train_split=test", "train.max_steps=2", *TINY] for a in ("--set", s)]
     out = tmp_path / "bench"

@@ -112,11 +112,12 @@ def test_freeze_detector_fits_only_the_codebook(codebook_run, opv2v_set, tmp_pat
         assert torch.equal(value, after[key]), key  # weights and BatchNorm statistics untouched
     assert not torch.equal(before["agent.codec.quantizer.codebook"], after["agent.codec.quantizer.codebook"])
     with pytest.raises(Exception, match="freeze_detector"):
-        train(comm_config(opv2v_set, tmp_path / "bad", "cooperation.strategy=intermediate", "fusion.method=max", "train.freeze_detector=true"), progress=False)
+        train(comm_config(opv2v_set, tmp_path / "bad", "comm.codec=dense", "train.freeze_detector=true"), progress=False)
 
 
 def test_message_dropout_trains_and_never_drops_the_ego(opv2v_set, tmp_path):
-    cfg = comm_config(opv2v_set, tmp_path / "drop", "cooperation.strategy=intermediate", "fusion.method=max", "train.max_steps=2", "train.message_dropout=0.9")
+    cfg = comm_config(opv2v_set, tmp_path / "drop", "comm.codec=dense", "train.max_steps=2",
+                      "train.message_dropout=0.9")
     assert train(cfg, progress=False)["steps"] == 2
     model = build_model(cfg)
     from coperception.datasets.collate import collate, prepare_sample

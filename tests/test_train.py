@@ -38,7 +38,7 @@ def weights(model):
 
 
 def test_resume_continues_from_saved_step_and_matches_uninterrupted_run(opv2v_set, tmp_path):
-    common = ["train.epochs=2", "cooperation.strategy=intermediate", "fusion.method=max", "train.checkpoint_every=1"]
+    common = ["train.epochs=2", "cooperation.strategy=intermediate", "train.checkpoint_every=1"]
     full = train(tiny_config(opv2v_set, tmp_path / "full", *common), progress=False)
     assert full["steps"] == 2 * 9 and full["resumed_from"] is None
 
@@ -97,14 +97,16 @@ def test_wrong_architecture_and_corrupt_checkpoints_are_refused(opv2v_set, tmp_p
 def test_init_from_copies_weights_into_a_fusion_model(opv2v_set, tmp_path):
     ego = train(tiny_config(opv2v_set, tmp_path / "ego", "cooperation.strategy=none", "train.max_steps=1"), progress=False)
     assert ego["steps"] == 1
-    cfg = tiny_config(opv2v_set, tmp_path / "max", "cooperation.strategy=intermediate", "fusion.method=max", f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
+    cfg = tiny_config(opv2v_set, tmp_path / "max", "cooperation.strategy=intermediate",
+                      f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
                       "train.lr=1e-12", "train.max_steps=1")
     train(cfg, progress=False)
     a = load_checkpoint(tmp_path / "ego" / "best.pt")["model"]
     b = load_checkpoint(tmp_path / "max" / "last.pt")["model"]
     conv = "encoders.nets.pointpillars.backbone.blocks.0.0.0.weight"
     torch.testing.assert_close(a[conv], b[conv], rtol=1e-6, atol=1e-8)
-    bad = tiny_config(opv2v_set, tmp_path / "bad", "cooperation.strategy=intermediate", "fusion.method=max", f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
+    bad = tiny_config(opv2v_set, tmp_path / "bad", "cooperation.strategy=intermediate",
+                      f"train.init_from={tmp_path / 'ego' / 'best.pt'}",
                       "model.filters=[16,48]")
     with pytest.raises(CheckpointError, match="another architecture"):
         train(bad, progress=False)
