@@ -20,8 +20,9 @@ from torch import nn
 from coperception.comm.codebook import ResidualVQ
 from coperception.comm.kinds import MessageKind
 from coperception.comm.payload import serialize_features
-from coperception.comm.wire import Message
+from coperception.comm.wire import Expected, Message
 from coperception.config import CodebookSettings
+from coperception.grid import BEVGrid
 from coperception.registry import Registry
 
 
@@ -40,6 +41,10 @@ class MessageCodec(nn.Module):
     def digest(self) -> bytes | None:
         """The identity of the code tables the receiver must hold (None: no tables)."""
         return None
+
+    def expected(self, grid: BEVGrid) -> Expected:
+        """What a receiver holding this codec can decode (anything else is rejected on arrival)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read wire messages")
 
     def payload(self, vectors: torch.Tensor) -> dict[str, Any]:
         """(K, C) cell features -> the payload fields of a wire `Message` (the sender adds the header
@@ -70,6 +75,9 @@ class DenseCodec(MessageCodec):
 class SparseFp32Codec(MessageCodec):
     sparse = True
 
+    def expected(self, grid: BEVGrid) -> Expected:
+        return Expected(grid, (MessageKind.SPARSE_FP32,), channels=self.channels)
+
     def payload(self, vectors: torch.Tensor) -> dict[str, Any]:
         return {"kind": MessageKind.SPARSE_FP32, "values": vectors.detach().cpu().numpy().astype(np.float32)}
 
@@ -93,6 +101,11 @@ class CodebookCodec(MessageCodec):
 
     def digest(self) -> bytes | None:
         return self.quantizer.digest()
+
+    def expected(self, grid: BEVGrid) -> Expected:
+        q = self.quantizer
+        return Expected(grid, (MessageKind.CODES,), segments=q.segments, stages=q.stages, bits=q.bits,
+                        codebook_hash=q.digest())
 
     def payload(self, vectors: torch.Tensor) -> dict[str, Any]:
         return {"kind": MessageKind.CODES, "codes": self.quantizer.encode(vectors).cpu().numpy(),

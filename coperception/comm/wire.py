@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -44,6 +45,21 @@ DEFAULT_MTU = 1200
 
 
 WIRE_KINDS = (MessageKind.CODES, MessageKind.SPARSE_FP32, MessageKind.REQUEST)
+MAX_PACKET_BYTES = 65535  # one UDP datagram; nothing larger is read, so nothing larger is allocated
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a receiver can use. A packet that claims anything else is rejected before its sections are
+    allocated or its contents trusted."""
+
+    grid: BEVGrid
+    kinds: tuple[MessageKind, ...] = WIRE_KINDS
+    channels: int | None = None  # SPARSE_FP32: values per cell
+    segments: int | None = None  # CODES: the receiver's codebook shape
+    stages: int | None = None
+    bits: int | None = None
+    codebook_hash: bytes | None = None
 
 
 class CRCError(MalformedMessage):
@@ -288,11 +304,17 @@ class Packet:
 
 
 def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook_hash: bytes | None = None,
-                  require_auth: bool = False) -> Packet:
-    """Verify and decode one packet. `keys` maps sender id -> HMAC key; with `require_auth` a packet
-    without a valid HMAC is rejected. `codebook_hash`: the receiver's codebook identity."""
+                  require_auth: bool = False, expected: Expected | None = None) -> Packet:
+    """Verify, validate and decode one packet. `keys` maps sender id -> HMAC key; with `require_auth` a
+    packet without a valid HMAC is rejected. `codebook_hash`: the receiver's codebook identity;
+    `expected`: everything the receiver can use (grid, kind, codebook shape or channels). Every
+    violation is a `MalformedMessage` naming the field."""
+    if expected is not None and expected.codebook_hash is not None:
+        codebook_hash = expected.codebook_hash
     if len(data) < _HEADER.size + _CRC:
         raise MalformedMessage(f"packet of {len(data)} bytes is shorter than header + CRC ({_HEADER.size + _CRC})")
+    if len(data) > MAX_PACKET_BYTES:
+        raise MalformedMessage(f"packet of {len(data)} bytes is larger than {MAX_PACKET_BYTES}")
     fields = _HEADER.unpack_from(data)
     magic, version, kind, flags, bits, sender, sequence, index, count, t = fields[:10]
     pose_fields = fields[10:17]
@@ -312,8 +334,8 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         key = (keys or {}).get(sender)
         if key is None:
             raise AuthenticationError(f"packet from sender {sender} is signed but no key is known for it")
-        expected = hmac.new(key, data[: body_end + _CRC], hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, data[body_end + _CRC :]):
+        mac = hmac.new(key, data[: body_end + _CRC], hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, data[body_end + _CRC :]):
             raise AuthenticationError(f"HMAC of a packet from sender {sender} does not verify with its key")
     elif require_auth:
         raise AuthenticationError(f"packet from sender {sender} is not signed but authentication is required")
@@ -321,12 +343,27 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         raise MalformedMessage(f"message kind {kind} is not a wire-format kind (expected one of "
                                f"{', '.join(f'{k.value} {k.name}' for k in WIRE_KINDS)})")
     kind = MessageKind(kind)
+    if expected is not None and kind not in expected.kinds:
+        raise MalformedMessage(f"kind: {kind.name} from sender {sender}, the receiver reads "
+                               f"{', '.join(k.name for k in expected.kinds)}")
     if codebook_hash is not None and kind == MessageKind.CODES and cb_hash != codebook_hash:
         raise CodebookMismatch(f"message from sender {sender} was encoded with codebook {cb_hash.hex()}, "
                                f"the receiver holds {codebook_hash.hex()}")
     if index >= count:
         raise MalformedMessage(f"packet index {index} >= packet count {count}")
+    if not math.isfinite(t):
+        raise MalformedMessage(f"capture time: {t} is not finite")
+    if not all(math.isfinite(v) for v in pose_fields):
+        raise MalformedMessage("pose: not finite")
+    if not (math.isfinite(x_min) and math.isfinite(y_min) and math.isfinite(cell) and cell > 0 and height and width):
+        raise MalformedMessage(f"grid: x_min {x_min}, y_min {y_min}, cell {cell}, {height} x {width} is not a grid")
     grid = BEVGrid(float(x_min), float(y_min), float(cell), int(height), int(width))
+    if expected is not None:
+        _check_expected(expected, kind, grid, bits, m, r, channels, sender)
+    if n_cells > grid.cells or length > grid.cells or start + length > grid.cells or n_cells > max(length, 0):
+        raise MalformedMessage(f"cells: {n_cells} cells in [{start}, {start + length}) do not fit a grid of {grid.cells}")
+    if kind == MessageKind.CODES and not 1 <= bits <= 16:
+        raise MalformedMessage(f"bits: {bits} per code (1 to 16 travel)")
     pos = _HEADER.size
     index_bytes = data[pos : pos + index_len]
     if len(index_bytes) != index_len:
@@ -335,14 +372,19 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
     if n_cells == 0:
         cells = np.zeros(0, dtype=np.int64)
     elif flags & FLAG_VARINT:
-        cells = start + np.cumsum(decode_varints(index_bytes))
+        deltas = decode_varints(index_bytes)
+        # the first delta is 0 (the range starts at a cell), every later one >= 1 (ascending, no duplicate),
+        # and none beyond the range: checked before summing, so nothing overflows
+        if len(deltas) and (deltas[0] != 0 or (deltas[1:] < 1).any() or (deltas > length).any()):
+            raise MalformedMessage("cells: delta-varint indices are not strictly ascending inside the packet's range")
+        cells = start + np.cumsum(deltas)
     else:
         bitmap = np.unpackbits(np.frombuffer(index_bytes, dtype=np.uint8), bitorder="little")[:length]
         cells = start + np.flatnonzero(bitmap)
     if len(cells) != n_cells:
         raise MalformedMessage(f"index section lists {len(cells)} cells, header says {n_cells}")
-    if n_cells and (cells.max() >= grid.cells or cells.max() >= start + length):
-        raise MalformedMessage("cell index outside the grid or the packet's range")
+    if n_cells and (cells[0] != start or cells[-1] >= start + length):
+        raise MalformedMessage("cells: index outside the packet's range")
     payload = data[pos:body_end]
     codes = values = None
     if kind == MessageKind.CODES:
@@ -354,6 +396,8 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         if len(payload) != n_cells * channels * 4:
             raise MalformedMessage(f"value section has {len(payload)} bytes, expected {n_cells * channels * 4}")
         values = np.frombuffer(payload, dtype="<f4").reshape(n_cells, channels).copy()
+        if not np.isfinite(values).all():
+            raise MalformedMessage(f"values: non-finite feature values from sender {sender}")
     elif payload:
         raise MalformedMessage("request packet carries a payload")
     return Packet(kind, sender, sequence, index, count, t, _pose_from_fields(pose_fields), grid, cb_hash, bits, cells,
@@ -368,12 +412,46 @@ def assemble(packets: Sequence[Packet]) -> Message:
     for p in packets[1:]:
         if (p.sender, p.sequence, p.kind, p.count) != (first.sender, first.sequence, first.kind, first.count):
             raise MalformedMessage("packets of different messages cannot be assembled together")
-    ordered = sorted({p.index: p for p in packets}.values(), key=lambda p: p.index)
+        if (p.grid, p.bits, p.codebook_hash, p.capture_time) != (first.grid, first.bits, first.codebook_hash,
+                                                                first.capture_time) \
+                or not np.array_equal(p.pose, first.pose) or _row_shape(p) != _row_shape(first):
+            raise MalformedMessage(f"packets of message {first.sequence} from sender {first.sender} disagree on "
+                                   "its header (grid, bits, codebook, time, pose or payload shape)")
+    by_index: dict[int, Packet] = {}
+    for p in packets:
+        if p.index in by_index and not np.array_equal(by_index[p.index].cells, p.cells):
+            raise MalformedMessage(f"two different packets {p.index} of message {first.sequence} from sender {first.sender}")
+        by_index[p.index] = p
+    ordered = [by_index[i] for i in sorted(by_index)]
     cells = np.concatenate([p.cells for p in ordered])
+    if len(cells) > 1 and (np.diff(cells) <= 0).any():
+        raise MalformedMessage(f"cells: packets of message {first.sequence} from sender {first.sender} overlap")
     codes = np.concatenate([p.codes for p in ordered]) if first.kind == MessageKind.CODES else None  # type: ignore[misc]
     values = np.concatenate([p.values for p in ordered]) if first.kind == MessageKind.SPARSE_FP32 else None  # type: ignore[misc]
     return Message(first.kind, first.sender, first.sequence, first.capture_time, first.pose, first.grid, cells, codes,
                    values, first.bits, first.codebook_hash, len(ordered), first.count)
+
+
+def _row_shape(p: Packet) -> tuple[int, ...]:
+    array = p.codes if p.codes is not None else p.values
+    return tuple(array.shape[1:]) if array is not None else ()
+
+
+def _check_expected(expected: Expected, kind: MessageKind, grid: BEVGrid, bits: int, segments: int, stages: int,
+                    channels: int, sender: int) -> None:
+    """The header against what the receiver can use (the grid compared at the float32 the wire carries)."""
+    own = expected.grid
+    as_sent = BEVGrid(*(float(np.float32(v)) for v in (own.x_min, own.y_min, own.cell)), own.height, own.width)
+    if grid != as_sent:
+        raise MalformedMessage(f"grid: sender {sender} sends {grid}, the receiver's is {as_sent}")
+    if kind == MessageKind.CODES:
+        claimed = {"segments": segments, "stages": stages, "bits": bits}
+        for name, value in claimed.items():
+            want = getattr(expected, name)
+            if want is not None and value != want:
+                raise MalformedMessage(f"{name}: sender {sender} sends {value}, the receiver's codebook has {want}")
+    if kind == MessageKind.SPARSE_FP32 and expected.channels is not None and channels != expected.channels:
+        raise MalformedMessage(f"channels: sender {sender} sends {channels}, the receiver expects {expected.channels}")
 
 
 def decode_packets(packets: Sequence[bytes], **kwargs) -> Message:

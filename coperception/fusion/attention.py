@@ -41,6 +41,9 @@ class AttentionFusion(Fusion):
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
         B, L, C, H, W = features.shape
         hk = self.heads * self.dk
+        mask = valid & torch.isfinite(features).all(dim=2)  # a cell with a non-finite value did not usefully arrive
+        mask[:, 0] = True  # the ego always attends to itself: the fallback where nothing else arrived
+        features = features.masked_fill(~mask[:, :, None], 0.0)
         q = self.query(features[:, 0]).view(B, self.heads, self.dk, H, W)
         k = self.key(features.flatten(0, 1)).view(B, L, hk, H, W)
         kind = meta.kind.to(features.device).clamp(0, AGENT_KINDS - 1)
@@ -48,10 +51,7 @@ class AttentionFusion(Fusion):
         k = k + (self.kind_embedding(kind) + self.age_embedding(age))[..., None, None]
         k = k.view(B, L, self.heads, self.dk, H, W)
         scores = (q[:, None] * k).sum(dim=3) / math.sqrt(self.dk)  # (B, L, heads, H, W)
-        mask = valid.clone()
-        mask[:, 0] = True  # the ego always attends to itself: the fallback where nothing else arrived
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         weights = torch.softmax(scores, dim=1)  # over agents
         v = features.view(B, L, self.heads, C // self.heads, H, W)
-        v = v.masked_fill(~mask[:, :, None, None], 0.0)  # non-finite garbage in invalid cells stays out
         return (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)

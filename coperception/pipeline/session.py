@@ -21,6 +21,7 @@ import torch
 
 from coperception.comm.channel import Channel, Transmission, newest_arrived
 from coperception.comm.kinds import MessageKind
+from coperception.comm.kinds import MalformedMessage
 from coperception.comm.wire import Message, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.datasets.collate import PreparedSample
@@ -41,6 +42,7 @@ class FrameComm:
     delivered_bytes: dict[int, int]  # per sender, bytes of this frame's packets that arrived
     request_bytes: int  # the ego's information-filling request (0 without filling)
     fused_ages: dict[int, float]  # per sender whose message was delivered: ego time - capture time
+    rejected: dict[str, int] = field(default_factory=dict)  # messages the ego refused, by reason
 
 
 @dataclass
@@ -56,6 +58,7 @@ class CommSession:
         self.channel = Channel(self.cfg.channel, np.random.default_rng(self.cfg.channel.seed))
         self.grid = self.agent.grid
         self.codebook_hash = self.codec.digest()
+        self.expected = self.codec.expected(self.grid) if self.codec.sparse else None
         self.keys: dict[int, bytes] = {}
 
     def _key(self, sender: int) -> bytes | None:
@@ -123,7 +126,8 @@ class CommSession:
         T_world_from_ego = views[0].T_world_from_agent
         chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
-        fused_ages = {}
+        fused_ages: dict[int, float] = {}
+        rejected: dict[str, int] = {}
         for view in views[1:]:
             queue = self.queues.get((scenario, view.sender), [])
             tx = newest_arrived(queue, ego_time + self.cfg.channel.fusion_deadline_ms / 1e3)
@@ -133,8 +137,13 @@ class CommSession:
             max_age = self.cfg.channel.max_message_age_ms
             if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
                 continue  # too old to help: the ego detects without this sender
-            msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys if self.cfg.sign else None,
-                                 codebook_hash=self.codebook_hash, require_auth=self.cfg.sign)
+            try:
+                msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys if self.cfg.sign else None,
+                                     require_auth=self.cfg.sign, expected=self.expected)
+            except MalformedMessage as exc:  # this sender's message is dropped; the ego goes on with the rest
+                rejected[type(exc).__name__] = rejected.get(type(exc).__name__, 0) + 1
+                self.queues[(scenario, view.sender)].remove(tx)
+                continue
             f, arrived = self._rebuild(msg, feats[0])
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
@@ -147,4 +156,4 @@ class CommSession:
         delivery = Delivery(torch.stack(chosen_feats), torch.stack(chosen_arrived), [len(chosen_feats)], T,
                             torch.tensor(ages, dtype=torch.float32, device=feats.device),
                             torch.tensor(kinds, dtype=torch.int64, device=feats.device))
-        return delivery, FrameComm(delivered, request_bytes, fused_ages)
+        return delivery, FrameComm(delivered, request_bytes, fused_ages, rejected)

@@ -62,6 +62,7 @@ class StrategyOutput:
     message_bytes: list[list[int]]  # per sample, per sending agent (ego excluded)
     request_bytes: list[int] | None = None  # per sample, the ego's broadcast (information filling)
     fused_ages: list[list[float]] | None = None  # per sample, age of each fused message (s)
+    rejected: dict[str, int] | None = None  # messages the ego refused on arrival, by reason (whole batch)
 
 
 class Strategy:
@@ -160,11 +161,15 @@ class IntermediateFusion(Strategy):
             raise ValueError("intermediate cooperation delivers its messages through a CommSession")
         feats = model.encode(batch)
         deliveries, sizes, requests, ages = [], [], [], []
+        rejected: dict[str, int] = {}
         for p, views in zip(prepared, feats.split(batch.record_len)):
             delivery, stats = session.deliver(views, p)
             deliveries.append(delivery)
             sizes.append(list(stats.delivered_bytes.values()))
             requests.append(stats.request_bytes)
             ages.append(list(stats.fused_ages.values()))
+            for reason, n in stats.rejected.items():
+                rejected[reason] = rejected.get(reason, 0) + n
         out = model.receive(Delivery.cat(deliveries))
-        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages)
+        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages,
+                              rejected)
