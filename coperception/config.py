@@ -201,7 +201,18 @@ class CommConfig(Strict):
     selection: SelectionSettings = Field(default_factory=SelectionSettings)
     codebook: CodebookSettings = Field(default_factory=CodebookSettings)
     channel: ChannelConfig = Field(default_factory=ChannelConfig)
-    sign: bool = False  # HMAC-SHA256 on every packet with a per-agent key
+    # per-agent HMAC keys, JSON {"<agent id>": "<hex key>"} (tools/make_keys.py writes one): when set, every
+    # packet is signed with its sender's key and the ego accepts only signed, fresh, not replayed packets
+    key_file: str | None = None
+    freshness_ms: float = Field(1000.0, gt=0)  # with keys: capture times older than this (or ahead) are refused
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "sign" in data:
+            raise ValueError("comm.sign was replaced by comm.key_file: signing is on whenever per-agent keys are "
+                             "configured (keys derived from a seed would let anyone sign as any agent)")
+        return data
 
 
 class CooperationConfig(Strict):

@@ -87,13 +87,21 @@ def test_total_loss_falls_back_to_ego_only_and_delay_fuses_older_frames(codebook
                 assert result["ap"][iou] == pytest.approx(ap, abs=0.01)
 
 
-def test_signed_messages_verify_with_the_agents_keys(codebook_run):
+def agent_key_file(opv2v_set, path):
+    """Fresh keys for every CAV folder of the test world."""
+    from coperception.comm.keys import write_keys
+
+    write_keys(path, {int(cav.name) for cav in opv2v_set.root.glob("*/*/*") if cav.is_dir()})
+    return str(path)
+
+
+def test_signed_messages_verify_with_the_agents_keys(codebook_run, opv2v_set, tmp_path):
     cfg, out, _ = codebook_run
     signed = cfg.model_copy(deep=True)
-    signed.comm.sign = True
+    signed.comm.key_file = agent_key_file(opv2v_set, tmp_path / "keys.json")
     a = evaluate_method(load_model(out / "last.pt", signed), signed, "test", progress=False)
     b = evaluate_method(load_model(out / "last.pt", cfg), cfg, "test", progress=False)
-    assert a["ap"] == b["ap"]
+    assert a["ap"] == b["ap"] and a["rejected_messages"] == {}
     assert a["bytes_per_agent_frame"] > b["bytes_per_agent_frame"]  # + a 32-byte HMAC per packet
 
 

@@ -259,33 +259,96 @@ def test_non_finite_sender_values_never_wipe_the_egos_own_feature():
         torch.testing.assert_close(out[0, :, 0, 0], ego, msg=name)
 
 
-def test_a_bad_message_drops_only_its_sender_and_is_counted(opv2v_set, monkeypatch):
-    """One sender's packets are corrupted in every frame: the evaluation runs through, that sender's
-    messages are counted as rejected, every other sender's messages are fused."""
+def _tampered_run(opv2v_set, tmp_path, monkeypatch, tamper):
+    """Evaluate an untrained sparse model over 6 frames with agent keys, the first sender's packets
+    passed through `tamper(packets, msg, key, history, other senders)` on the way out."""
     import coperception.pipeline.session as session_module
     from coperception.config import load_config
     from coperception.evaluate import evaluate_method
     from coperception.pipeline.model import build_model
 
+    from test_comm_pipeline import agent_key_file
     from test_train import TINY
 
     cfg = load_config(None, [f"dataset.root={opv2v_set.root}", "dataset.eval_split=test", *TINY, "comm.codec=sparse",
-                             "comm.selection.threshold=0.0", "comm.selection.top_k=20", "comm.sign=true"])
+                             "comm.selection.threshold=0.0", "comm.selection.top_k=20",
+                             f"comm.key_file={agent_key_file(opv2v_set, tmp_path / 'keys.json')}"])
     model = build_model(cfg).eval()
     clean = evaluate_method(model, cfg, "test", progress=False, limit=6)
     assert clean["rejected_messages"] == {}
     real_encode = session_module.encode_message
-    victims: set[int] = set()
+    history: list[list[bytes]] = []
+    victim: list[int] = []
+    seen: set[int] = set()
 
-    def tamper(msg, mtu, key=None):
+    def encode(msg, mtu, key=None):
         packets = real_encode(msg, mtu, key)
-        if not victims:
-            victims.add(msg.sender)
-        if msg.sender in victims:  # flip a byte, re-sign: the CRC and HMAC verify, the contents do not
-            return [with_field(p, "channels", 7, key=key) for p in packets]
-        return packets
+        if msg.kind == MessageKind.REQUEST:
+            return packets
+        seen.add(msg.sender)
+        victim[:] = victim or [msg.sender]
+        if msg.sender != victim[0]:
+            return packets
+        history.append(packets)
+        return tamper(packets, msg, key, history, sorted(seen - {msg.sender}))
 
-    monkeypatch.setattr(session_module, "encode_message", tamper)
-    hit = evaluate_method(model, cfg, "test", progress=False, limit=6)
-    assert hit["rejected_messages"].get("MalformedMessage", 0) >= 1
-    assert hit["frames"] == 6 and hit["bytes_per_agent_frame"] == clean["bytes_per_agent_frame"]
+    monkeypatch.setattr(session_module, "encode_message", encode)
+    return clean, evaluate_method(model, cfg, "test", progress=False, limit=6)
+
+
+def _strip(packet: bytes) -> bytes:
+    fields = list(_HEADER.unpack_from(packet))
+    fields[FIELDS.index("flags")] &= ~FLAG_HMAC
+    return reseal(_HEADER.pack(*fields) + packet[_HEADER.size : len(packet) - _CRC - _MAC], None)
+
+
+@pytest.mark.parametrize("attack, reason", [
+    ("malformed", "MalformedMessage"),  # re-signed with its own key, contents the ego cannot use
+    ("stripped", "AuthenticationError"),  # signature removed
+    ("forged id", "AuthenticationError"),  # claims to be another agent, signed with its own key
+    ("replay", "ReplayedMessage"),  # an old message of its own sent again
+    ("future", "StaleMessage"),  # a capture time ahead of the ego's clock
+])
+def test_a_bad_message_drops_only_its_sender_and_is_counted(opv2v_set, tmp_path, monkeypatch, attack, reason):
+    def tamper(packets, msg, key, history, others):
+        if attack == "malformed":
+            return [with_field(p, "channels", 7, key=key) for p in packets]
+        if attack == "stripped":
+            return [_strip(p) for p in packets]
+        if attack == "forged id":
+            claimed = others[0] if others else msg.sender + 1000  # another agent of the scene, if one was seen
+            return [with_field(p, "sender", claimed, key=key) for p in packets]
+        if attack == "replay":
+            return history[0] if len(history) > 2 else packets
+        return [with_field(p, "time", msg.capture_time + 5.0, key=key) for p in packets]
+
+    clean, hit = _tampered_run(opv2v_set, tmp_path, monkeypatch, tamper)
+    assert set(hit["rejected_messages"]) == {reason} and hit["rejected_messages"][reason] >= 1
+    assert hit["frames"] == 6  # the evaluation went on with the senders it trusts
+    if attack != "replay":
+        assert hit["mean_fused_age_s"] is not None  # the other senders were still fused
+
+
+def test_old_sign_setting_says_what_replaced_it():
+    from coperception.config import load_config
+    from coperception.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="comm.key_file"):
+        load_config(None, ["comm.sign=true"])
+
+
+def test_key_files_are_validated_and_private(tmp_path):
+    import json
+    import os
+
+    from coperception.comm.keys import load_keys, write_keys
+    from coperception.errors import DataFormatError
+
+    keys = write_keys(tmp_path / "k.json", [3, -1])
+    assert load_keys(tmp_path / "k.json") == keys and len(set(keys.values())) == 2
+    assert os.stat(tmp_path / "k.json").st_mode & 0o777 == 0o600
+    for bad, message in (({"3": "abc"}, "expected an integer agent id and a hex key"), ({"x": "00" * 16}, "entry 'x'"),
+                         ({"3": "00" * 8}, "at least 16"), ([], "non-empty mapping")):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DataFormatError, match=message):
+            load_keys(tmp_path / "bad.json")

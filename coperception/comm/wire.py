@@ -70,6 +70,14 @@ class AuthenticationError(MalformedMessage):
     """The HMAC is missing, or does not verify with the sender's key."""
 
 
+class ReplayedMessage(MalformedMessage):
+    """An authenticated message older than one already accepted from its sender."""
+
+
+class StaleMessage(MalformedMessage):
+    """An authenticated message whose capture time lies outside the receiver's freshness window."""
+
+
 class CodebookMismatch(MalformedMessage):
     """The message was encoded with a different codebook than the receiver holds."""
 

@@ -12,7 +12,6 @@ channel (they would not fit it); they are delivered whole, counted at their seri
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,18 +20,14 @@ import torch
 
 from coperception.comm.channel import Channel, Transmission, newest_arrived
 from coperception.comm.kinds import MessageKind
+from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage
-from coperception.comm.wire import Message, decode_packets, encode_message
+from coperception.comm.wire import Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.datasets.collate import PreparedSample
 from coperception.geometry import invert
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.ego import Delivery
-
-
-def agent_key(seed: int, sender: int) -> bytes:
-    """The per-agent HMAC key of a run (derived; a deployment would provision real keys)."""
-    return hashlib.sha256(f"coperception-key/{seed}/{sender}".encode()).digest()
 
 
 @dataclass
@@ -49,9 +44,12 @@ class FrameComm:
 class CommSession:
     agent: AgentSide  # the model's selection and codec
     confidence: Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) features -> (n, H, W) confidence maps
-    cfg: CommConfig  # channel and signing
+    cfg: CommConfig  # channel, keys and freshness
     queues: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
     sequence: int = 0
+    # per (scenario, sender): the transmission whose message the ego holds, decoded once
+    held: dict[tuple[str, int], tuple[Transmission, Message]] = field(default_factory=dict)
+    last_sequence: dict[tuple[str, int], int] = field(default_factory=dict)  # newest accepted, per sender
 
     def __post_init__(self) -> None:
         self.codec = self.agent.codec
@@ -59,12 +57,31 @@ class CommSession:
         self.grid = self.agent.grid
         self.codebook_hash = self.codec.digest()
         self.expected = self.codec.expected(self.grid) if self.codec.sparse else None
-        self.keys: dict[int, bytes] = {}
+        self.keys = load_keys(self.cfg.key_file) if self.cfg.key_file else None
 
     def _key(self, sender: int) -> bytes | None:
-        if not self.cfg.sign:
-            return None
-        return self.keys.setdefault(sender, agent_key(self.cfg.channel.seed, sender))
+        """The sender's signing key (None: it has none and sends unsigned, which a keyed ego refuses)."""
+        return self.keys.get(sender) if self.keys is not None else None
+
+    def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float) -> Message:
+        """The message of `tx`, verified and validated; with keys also signed, fresh and newer than the
+        last one accepted from its sender. Raises `MalformedMessage` (or a subclass) otherwise."""
+        held = self.held.get(where)
+        if held is not None and held[0] is tx:
+            return held[1]  # still the newest that arrived: the ego keeps what it already holds
+        msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys, require_auth=self.keys is not None,
+                             expected=self.expected)
+        if self.keys is not None:
+            last = self.last_sequence.get(where)
+            if last is not None and msg.sequence <= last:
+                raise ReplayedMessage(f"sender {msg.sender}: sequence {msg.sequence} after {last}")
+            slack = self.cfg.channel.fusion_deadline_ms / 1e3
+            if not ego_time - self.cfg.freshness_ms / 1e3 <= msg.capture_time <= ego_time + slack:
+                raise StaleMessage(f"sender {msg.sender}: captured at {msg.capture_time:.3f} s, the ego is at "
+                                   f"{ego_time:.3f} s")
+            self.last_sequence[where] = msg.sequence
+        self.held[where] = (tx, msg)
+        return msg
 
     def _message(self, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float, pose: np.ndarray) -> Message:
         cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
@@ -138,8 +155,7 @@ class CommSession:
             if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
                 continue  # too old to help: the ego detects without this sender
             try:
-                msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys if self.cfg.sign else None,
-                                     require_auth=self.cfg.sign, expected=self.expected)
+                msg = self._receive(tx, (scenario, view.sender), ego_time)
             except MalformedMessage as exc:  # this sender's message is dropped; the ego goes on with the rest
                 rejected[type(exc).__name__] = rejected.get(type(exc).__name__, 0) + 1
                 self.queues[(scenario, view.sender)].remove(tx)
