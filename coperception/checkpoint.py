@@ -44,7 +44,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a coperception checkpoint (no '{FORMAT}' marker)")
     if data.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {data.get('version')} is not supported (expected {VERSION})")
+    missing = [k for k in ("arch", "model") if not isinstance(data.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)} (an incomplete or foreign file)")
     return data
+
+
+def require_fields(path: str | Path, data: dict[str, Any], fields: tuple[str, ...]) -> None:
+    """A checkpoint holds `fields` (e.g. the optimizer state a resume needs), else a CheckpointError naming them."""
+    missing = [k for k in fields if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
 
 
 def check_architecture(path: str | Path, saved: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -74,5 +84,8 @@ def load_state_strict(path: str | Path, module: torch.nn.Module, state: dict[str
         if shapes:
             parts.append(f"shape mismatch {shapes[:5]}")
         raise CheckpointError(f"{path}: weights do not fit the model: " + "; ".join(parts))
+    broken = [k for k, v in state.items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{path}: non-finite values in {broken[:5]}" + (f" and {len(broken) - 5} more" if len(broken) > 5 else ""))
     module.load_state_dict(state, strict=not fresh)
     return fresh

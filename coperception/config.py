@@ -8,8 +8,9 @@ naming the file and the key path.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -31,8 +32,8 @@ class Strict(BaseModel):
 
 
 def _check_range(value: list[float]) -> list[float]:
-    if len(value) != 6 or any(value[i] >= value[i + 3] for i in range(3)):
-        raise ValueError("expected [xmin, ymin, zmin, xmax, ymax, zmax] with min < max")
+    if len(value) != 6 or not all(math.isfinite(v) for v in value) or any(value[i] >= value[i + 3] for i in range(3)):
+        raise ValueError("expected 6 finite numbers [xmin, ymin, zmin, xmax, ymax, zmax] with min < max")
     return value
 
 
@@ -129,6 +130,12 @@ class ModelConfig(Strict):
     def _lengths(self) -> "ModelConfig":
         if not (len(self.layers) == len(self.strides) == len(self.filters) == len(self.upsample_filters)):
             raise ValueError("layers, strides, filters and upsample_filters must have the same length")
+        if not self.layers:
+            raise ValueError("layers: at least one backbone block")
+        if min(self.voxel_size) <= 0 or not all(math.isfinite(v) for v in self.voxel_size):
+            raise ValueError(f"voxel_size: positive finite sizes expected, got {list(self.voxel_size)}")
+        if not self.anchor_yaws_deg:
+            raise ValueError("anchor_yaws_deg: at least one anchor yaw")
         if self.neg_iou > self.pos_iou:
             raise ValueError("neg_iou must not exceed pos_iou")
         unknown = sorted(set(self.encoders) - set(AGENT_KIND_KEYS))
@@ -280,7 +287,8 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    iou_thresholds: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7])
+    iou_thresholds: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.3, 0.5, 0.7],
+                                                                     min_length=1)
     score_threshold: float = Field(0.2, ge=0, le=1)
     nms_threshold: float = Field(0.15, ge=0, le=1)
 

@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from coperception.checkpoint import CheckpointError, check_architecture, load_checkpoint, load_state_strict, save_checkpoint
+from coperception.checkpoint import (CheckpointError, check_architecture, load_checkpoint, load_state_strict,
+                                     require_fields, save_checkpoint)
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import collate
 from coperception.datasets.cooperative import CooperativeDataset
@@ -149,6 +150,7 @@ class Trainer:
         if not self.last_path.is_file():
             raise CheckpointError(f"{self.last_path}: --resume given but there is no checkpoint to resume from")
         saved = load_checkpoint(self.last_path)
+        require_fields(self.last_path, saved, ("optimizer", "scheduler", "step", "best"))
         check_architecture(self.last_path, saved["arch"], self.arch)
         s = self.state
         load_state_strict(self.last_path, s.model, saved["model"])

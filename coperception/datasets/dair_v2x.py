@@ -8,12 +8,13 @@ Calibration chains (DESIGN §3), every rotation orthonormalised:
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
 from coperception.config import DAIR_RANGE, DatasetConfig
 from coperception.datasets.cooperative import crop_in_ego_frame, merge_ground_truth, remove_body_points, select_agents
@@ -25,7 +26,7 @@ from coperception.io import read_json, validate
 
 VEHICLE_CLASSES = {"Car", "Van", "Truck", "Bus"}
 
-Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
+Vec3 = Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
 Mat3 = Annotated[list[Vec3], Field(min_length=3, max_length=3)]
 
 
@@ -47,12 +48,29 @@ class CooperativeRecord(BaseModel):
 class RigidJson(BaseModel):
     model_config = ConfigDict(extra="allow")
     rotation: Mat3
-    translation: Annotated[list[Any], Field(min_length=3, max_length=3)]
+    translation: Annotated[list[Any], Field(min_length=3, max_length=3)]  # [x, y, z] or [[x], [y], [z]]
+
+    @field_validator("translation")
+    @classmethod
+    def _three_numbers(cls, value: list[Any]) -> list[float]:
+        flat = [v[0] if isinstance(v, list) and len(v) == 1 else v for v in value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in flat):
+            raise ValueError(f"expected three finite numbers, got {value!r}")
+        return [float(v) for v in flat]
+
+    @field_validator("rotation")
+    @classmethod
+    def _a_rotation(cls, value: list[list[float]]) -> list[list[float]]:
+        # calibrations are not exactly orthonormal (they are orthonormalised on reading), but a degenerate
+        # matrix (e.g. all zeros) is no rotation at all and must not silently become the identity
+        if abs(np.linalg.det(np.array(value, dtype=np.float64))) < 0.5:
+            raise ValueError("rotation is degenerate (|det| < 0.5), not a rotation matrix")
+        return value
 
     def matrix(self) -> np.ndarray:
         T = np.eye(4)
         T[:3, :3] = orthonormalize(np.array(self.rotation, dtype=np.float64))
-        T[:3, 3] = np.array(self.translation, dtype=np.float64).reshape(3)
+        T[:3, 3] = self.translation
         return T
 
 
@@ -67,15 +85,15 @@ class Intrinsics(BaseModel):
 
 
 class Dimensions(BaseModel):
-    h: float
-    w: float
-    l: float  # noqa: E741 (the file's own key)
+    h: FiniteFloat
+    w: FiniteFloat
+    l: FiniteFloat  # noqa: E741 (the file's own key)
 
 
 class Location(BaseModel):
-    x: float
-    y: float
-    z: float
+    x: FiniteFloat
+    y: FiniteFloat
+    z: FiniteFloat
 
 
 class SideLabel(BaseModel):
@@ -85,7 +103,7 @@ class SideLabel(BaseModel):
     type: str
     dimensions: Dimensions = Field(alias="3d_dimensions")
     location: Location = Field(alias="3d_location")
-    rotation: float
+    rotation: FiniteFloat
 
 
 class WorldLabel(BaseModel):

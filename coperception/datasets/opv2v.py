@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
 from coperception.config import DatasetConfig
 from coperception.datasets.cooperative import crop_in_ego_frame, merge_ground_truth, opv2v_agent_order, remove_body_points, select_agents
@@ -24,10 +24,10 @@ from coperception.errors import DataFormatError
 from coperception.geometry import CV_TO_BODY, FLIP_Y, carla_pose_to_matrix, carla_to_rh, invert
 from coperception.io import read_yaml, validate
 
-Vec3 = Annotated[list[float], Field(min_length=3, max_length=3)]
-Vec6 = Annotated[list[float], Field(min_length=6, max_length=6)]
+Vec3 = Annotated[list[FiniteFloat], Field(min_length=3, max_length=3)]
+Vec6 = Annotated[list[FiniteFloat], Field(min_length=6, max_length=6)]
 Mat3 = Annotated[list[Vec3], Field(min_length=3, max_length=3)]
-Row4 = Annotated[list[float], Field(min_length=4, max_length=4)]
+Row4 = Annotated[list[FiniteFloat], Field(min_length=4, max_length=4)]
 Mat4 = Annotated[list[Row4], Field(min_length=4, max_length=4)]
 
 FRAME_SECONDS = 0.05  # frame numbers count CARLA ticks of 50 ms; the release keeps every other one

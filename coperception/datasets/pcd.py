@@ -96,14 +96,17 @@ def read_pcd(path: str | Path) -> np.ndarray:
     if header.data == "binary_compressed":
         if len(body) < 8:
             raise DataFormatError(path, "binary_compressed PCD truncated before its size words")
-        comp_size, raw_size = np.frombuffer(body[:8], dtype="<u4")
+        comp_size, raw_size = (int(v) for v in np.frombuffer(body[:8], dtype="<u4"))  # Python ints: no uint32 wrap
         if raw_size != n * dtype.itemsize:
             raise DataFormatError(path, f"uncompressed size {raw_size} != {n} points x {dtype.itemsize} bytes")
         if len(body) < 8 + comp_size:
             raise DataFormatError(path, f"binary_compressed PCD truncated: {len(body) - 8} of {comp_size} bytes")
         if n == 0:
             return np.zeros(0, dtype=dtype)
-        data = lzf.decompress(body[8 : 8 + comp_size], int(raw_size))
+        try:
+            data = lzf.decompress(body[8 : 8 + comp_size], raw_size)
+        except (ValueError, OSError, SystemError):
+            data = None
         if data is None or len(data) != raw_size:
             raise DataFormatError(path, "LZF data does not decompress to the declared size (corrupt)")
         # binary_compressed stores each field as a contiguous column
@@ -116,7 +119,10 @@ def read_pcd(path: str | Path) -> np.ndarray:
             start = stop
         return out
     # ascii
-    flat = np.fromstring(body.decode("ascii", errors="replace"), sep=" ")  # noqa: NPY201 (fast C parser)
+    try:
+        flat = np.fromstring(body.decode("ascii", errors="replace"), sep=" ")  # noqa: NPY201 (fast C parser)
+    except ValueError as exc:
+        raise DataFormatError(path, f"ascii PCD data is not numeric ({exc})") from None
     columns = sum(header.counts)
     if flat.size != n * columns:
         raise DataFormatError(path, f"ascii PCD has {flat.size} values, expected {n} x {columns} (truncated?)")

@@ -24,6 +24,7 @@ from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage
 from coperception.comm.wire import Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
 from coperception.config import CommConfig
+from coperception.errors import ConfigError
 from coperception.datasets.collate import PreparedSample
 from coperception.geometry import invert
 from coperception.pipeline.agent import AgentSide
@@ -58,6 +59,18 @@ class CommSession:
         self.codebook_hash = self.codec.digest()
         self.expected = self.codec.expected(self.grid) if self.codec.sparse else None
         self.keys = load_keys(self.cfg.key_file) if self.cfg.key_file else None
+        if self.codec.sparse:
+            self._check_mtu()
+
+    def _check_mtu(self) -> None:
+        """One cell of this codec must fit a packet (else the first message would fail mid-evaluation)."""
+        one = self.codec.payload(torch.zeros(1, self.codec.channels))
+        probe = Message(sender=0, sequence=0, capture_time=0.0, pose=np.eye(4), grid=self.grid, cells=np.zeros(1, np.int64),
+                        **one)
+        try:
+            encode_message(probe, self.cfg.channel.mtu, b"\0" * 32 if self.keys is not None else None)
+        except ValueError as exc:
+            raise ConfigError(f"comm.channel.mtu {self.cfg.channel.mtu}: {exc}") from None
 
     def _key(self, sender: int) -> bytes | None:
         """The sender's signing key (None: it has none and sends unsigned, which a keyed ego refuses)."""
