@@ -20,3 +20,11 @@ class DataFormatError(CoperceptionError):
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class OutputError(CoperceptionError):
+    """An output cannot be written (a parent that is a file, no permission, disk full)."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: cannot write ({problem})")

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from coperception.errors import DataFormatError
+from coperception.errors import DataFormatError, OutputError
 
 try:  # libyaml is ~10x faster; PyYAML wheels ship it
     _YamlLoader: Any = yaml.CSafeLoader
@@ -26,15 +26,20 @@ M = TypeVar("M", bound=BaseModel)
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and `os.replace`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputError(path, exc.strerror or type(exc).__name__) from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # e.g. the disk is full: nothing half-written is left behind
+            raise OutputError(path, exc.strerror or type(exc).__name__) from None
         raise
 
 

@@ -22,7 +22,7 @@ from coperception.datasets.collate import collate
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import EpochSampler, PreparedDataset
 from coperception.datasets.readers import InMemoryDataset, build_dataset
-from coperception.errors import ConfigError
+from coperception.errors import ConfigError, OutputError
 from coperception.evaluate import evaluate_method
 from coperception.models.losses import LossWeights, detection_loss
 from coperception.pipeline.model import CooperativeModel, architecture, build_model, fit_codebook, init_weights, method_label
@@ -85,6 +85,13 @@ class Trainer:
         self.last_path = self.out_dir / "last.pt"
         self.arch = architecture(cfg)
         self.label = method_label(cfg)
+        if self.ddp.main:  # before any work: a run that cannot save its checkpoints should not start
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(self.out_dir, exc.strerror or type(exc).__name__) from None
+            if not os.access(self.out_dir, os.W_OK):
+                raise OutputError(self.out_dir, "no write permission")
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         if cfg.train.init_from and not resume:

@@ -121,3 +121,32 @@ def test_incomplete_or_non_finite_checkpoints_are_refused(tmp_path):
     save_checkpoint(run / "last.pt", arch=architecture(cfg), model=model.state_dict(), extra={"step": 3})
     with pytest.raises(CheckpointError, match="lacks optimizer, scheduler, best"):
         train(cfg.variant(train={"out_dir": str(run)}), resume=True, progress=False)
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_training(tmp_path):
+    from coperception.errors import OutputError
+    from coperception.train import train
+
+    (tmp_path / "file").write_text("not a folder")
+    cfg = load_config(None, ["cooperation.strategy=none", f"train.out_dir={tmp_path / 'file' / 'run'}"])
+    with pytest.raises(OutputError, match=r"file/run: cannot write"):
+        train(cfg, progress=False)
+
+
+def test_a_failed_write_leaves_neither_a_half_file_nor_a_temp_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from coperception.errors import OutputError
+    from coperception.io import atomic_write_bytes
+
+    target = tmp_path / "report.json"
+    target.write_bytes(b"old")
+
+    def full(*_):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OutputError, match="No space left"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
