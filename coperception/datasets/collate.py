@@ -15,6 +15,7 @@ ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
@@ -57,10 +58,12 @@ class PreparedSample:
 
 
 def _agent_id(agent_id: str) -> int:
+    """The integer sender id the wire format carries: the id itself, or a stable CRC32 of a name
+    (Python's `hash` of a string changes from process to process)."""
     try:
         return int(agent_id)
     except ValueError:
-        return abs(hash(agent_id)) % (2**31)
+        return zlib.crc32(agent_id.encode()) & 0x7FFFFFFF
 
 
 def _voxelize(points: np.ndarray, dcfg: DatasetConfig, mcfg: ModelConfig) -> Voxels:
