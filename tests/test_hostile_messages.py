@@ -283,7 +283,7 @@ def _tampered_run(opv2v_set, tmp_path, monkeypatch, tamper):
 
     def encode(msg, mtu, key=None):
         packets = real_encode(msg, mtu, key)
-        if msg.kind == MessageKind.REQUEST:
+        if msg.kind == MessageKind.REQUEST or msg.sequence == 0:  # requests, and the session's MTU probe
             return packets
         seen.add(msg.sender)
         victim[:] = victim or [msg.sender]
