@@ -92,6 +92,8 @@ class Trainer:
                 raise OutputError(self.out_dir, exc.strerror or type(exc).__name__) from None
             if not os.access(self.out_dir, os.W_OK):
                 raise OutputError(self.out_dir, "no write permission")
+        # a resume that cannot work fails before a whole split is read
+        self.saved = self.checked_resume_state() if resume else None
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg)
         if cfg.train.init_from and not resume:
@@ -153,12 +155,18 @@ class Trainer:
         self.log("no selected cells to fit the codebook on: the first batch seeds it" if error is None
                  else f"codebook fitted by k-means: relative squared error {error:.4f}")
 
-    def resume(self) -> int:
+    def checked_resume_state(self) -> dict[str, Any]:
+        """`last.pt` of this run, with everything a resume needs and this config's architecture."""
         if not self.last_path.is_file():
             raise CheckpointError(f"{self.last_path}: --resume given but there is no checkpoint to resume from")
         saved = load_checkpoint(self.last_path)
         require_fields(self.last_path, saved, ("optimizer", "scheduler", "step", "best"))
         check_architecture(self.last_path, saved["arch"], self.arch)
+        return saved
+
+    def resume(self) -> int:
+        saved, self.saved = self.saved, None  # not kept in memory for the whole run
+        assert saved is not None
         s = self.state
         load_state_strict(self.last_path, s.model, saved["model"])
         s.optimizer.load_state_dict(saved["optimizer"])

@@ -102,12 +102,13 @@ def test_an_mtu_too_small_for_one_cell_is_a_config_error():
         CommSession(model.agent, model.confidence, cfg.comm)
 
 
-def test_incomplete_or_non_finite_checkpoints_are_refused(tmp_path):
+def test_incomplete_or_non_finite_checkpoints_are_refused(opv2v_set, tmp_path):
     from coperception.pipeline.model import architecture, build_model, load_model
     from coperception.train import train
 
     cfg = load_config(None, ["cooperation.strategy=none", "model.layers=[1]", "model.strides=[2]", "model.filters=[8]",
-                             "model.upsample_filters=[8]", "model.pfn_channels=8"])
+                             "model.upsample_filters=[8]", "model.pfn_channels=8", f"dataset.root={opv2v_set.root}",
+                             "dataset.train_split=test", "dataset.val_split=test"])
     model = build_model(cfg)
     torch.save({"format": "coperception-checkpoint", "version": 1, "model": model.state_dict()}, tmp_path / "no_arch.pt")
     with pytest.raises(CheckpointError, match="lacks arch"):
