@@ -26,9 +26,12 @@ class PillarBatch:
 
     def subset(self, views: torch.Tensor) -> "PillarBatch":
         """The pillars of the views `views` (ascending slots), renumbered 0..len(views)-1."""
-        slot_map = torch.full((int(self.coords[:, 0].max()) + 1 if len(self.coords) else 0,), -1, dtype=torch.long)
-        slot_map[views.cpu()] = torch.arange(len(views))
-        new_slot = slot_map[self.coords[:, 0].cpu()].to(self.coords.device) if len(self.coords) else self.coords[:, 0]
+        views = views.cpu()
+        slots = self.coords[:, 0].cpu()
+        size = max(int(slots.max()) + 1 if len(slots) else 0, int(views.max()) + 1 if len(views) else 0)
+        slot_map = torch.full((size,), -1, dtype=torch.long)  # old slot -> new slot, -1: not kept
+        slot_map[views] = torch.arange(len(views))
+        new_slot = slot_map[slots].to(self.coords.device)
         keep = new_slot >= 0
         coords = self.coords[keep].clone()
         coords[:, 0] = new_slot[keep]

@@ -66,3 +66,13 @@ def test_an_encoder_without_its_input_says_so(opv2v_set):
     batch.lidar = None
     with pytest.raises(ConfigError, match=r"needs the batch input\(s\) \['lidar'\]"):
         model.encode(batch)
+
+
+def test_a_subset_renumbers_views_and_keeps_views_without_pillars():
+    from coperception.types import PillarBatch
+
+    coords = torch.tensor([[0, 0, 1, 1], [2, 0, 3, 3], [2, 0, 4, 4]])
+    pillars = PillarBatch(torch.arange(3.0).view(3, 1, 1).repeat(1, 2, 4), torch.ones(3, dtype=torch.int32), coords)
+    sub = pillars.subset(torch.tensor([2, 3]))  # view 3 has no pillar at all
+    assert sub.coords[:, 0].tolist() == [0, 0] and sub.voxels[:, 0, 0].tolist() == [1.0, 2.0]
+    assert len(pillars.subset(torch.tensor([1])).coords) == 0
