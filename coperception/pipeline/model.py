@@ -26,12 +26,18 @@ from coperception.pipeline.ego import Delivery, EgoSide
 from coperception.pipeline.strategies import STRATEGIES, Strategy, TrainOutput
 from coperception.types import AgentBatch, AnchorTargets
 
+
 class CooperativeModel(nn.Module):
+    """Everything a config's cooperation runs: `encoders`, the shared `head`, and for intermediate
+    cooperation `agent` (selection + codec) and `ego` (warp + fusion). `forward` is the training pass
+    of the strategy; inference goes through `strategy.detect`."""
+
     def __init__(self, cfg: ExperimentConfig):
         super().__init__()
         validate_config(cfg)
         self.strategy: Strategy = STRATEGIES.get(cfg.cooperation.strategy)()
-        self.project_first = cfg.cooperation.project_first
+        # modules are built in this order (encoders, fusion, head, codec) because it is the order their
+        # parameters draw from the seeded generator: the same seed gives the same network
         self.encoders = EncoderSet(cfg.model, cfg.dataset)
         self.feature_grid, channels = self.encoders.grid, self.encoders.out_channels
         yaws = np.radians(cfg.model.anchor_yaws_deg)
