@@ -191,7 +191,8 @@ def _log_comparisons(title: str, rows: list[dict[str, Any]], log: Callable[[str]
 
 def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Path | None, out: Path,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """AP@0.5 of the codebook operating point in `cfg` vs packet loss, delay and pose noise."""
+    """AP@0.5 of the codebook operating point in `cfg` (its fusion, selection and codebook) vs packet loss,
+    delay and pose noise."""
     split = cfg.dataset.eval_split
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     sweeps: dict[str, list[tuple[str, dict[str, Any]]]] = {
@@ -207,7 +208,7 @@ def bench_robustness(cfg: ExperimentConfig, checkpoint: Path, ego_checkpoint: Pa
     for sweep, settings in sweeps.items():
         results[sweep] = []
         for label, channel in settings:
-            run = variant(cfg, "codebook", channel=channel)
+            run = cfg.variant(strategy="intermediate", codec="codebook", channel=channel)  # cfg's own fusion
             entry = _eval(checkpoint, run, split, data, log, f"{sweep} {label}")
             entry["params"]["setting"] = label
             results[sweep].append(entry)

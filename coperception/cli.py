@@ -202,7 +202,7 @@ def bench_robustness_command(
 ) -> None:
     """AP@0.5 of codebook messages under packet loss, delay and pose noise."""
     from coperception.checkpoint import load_checkpoint
-    from coperception.config import CodebookSettings, load_config
+    from coperception.config import CodebookSettings, FusionConfig, load_config
     from coperception.bench import bench_robustness
 
     try:
@@ -210,6 +210,8 @@ def bench_robustness_command(
         stored = load_checkpoint(checkpoint).get("config") or {}
         if isinstance(stored.get("comm"), dict) and "codebook" in stored["comm"]:
             cfg.comm.codebook = CodebookSettings.model_validate(stored["comm"]["codebook"])  # the trained codebook's shape
+        if isinstance(stored.get("fusion"), dict):
+            cfg.fusion = FusionConfig.model_validate(stored["fusion"])  # and the fusion it was trained with
         ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
         bench_robustness(cfg, checkpoint, ego, out, log=typer.echo)
     except CoperceptionError as exc:
