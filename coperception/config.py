@@ -175,7 +175,6 @@ class SelectionSettings(Strict):
     # senders widen each requested cell to its (2r+1)^2 neighbourhood: the ego's confident cells mark
     # object centres, its features cover the whole object (the request on the wire stays the centres)
     request_dilation: int = Field(1, ge=0)
-    cap: float = Field(1.0, gt=0)
 
 
 class CodebookSettings(Strict):

@@ -3,9 +3,9 @@
 Each sender scores its own cells with the confidence map of its own detection head (max over
 anchors of the sigmoid class score, optionally Gaussian-smoothed) and keeps the cells above a
 threshold and/or its top-k. With information filling the ego first broadcasts a request: the cells
-it already sees with confidence. Senders then fill only cells the ego lacks, one after another,
-skipping cells where the confidence accumulated from the ego and the earlier senders already
-reaches a cap, so several senders do not all send the same cell.
+it already sees with confidence. Senders then fill only cells the ego lacks. A sender decides from
+its own confidence and the request bits it received, nothing else: the ego's real-valued
+confidence and the other senders' choices never travel to it.
 """
 
 from __future__ import annotations
@@ -79,29 +79,23 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return F.max_pool2d(mask[None, None].float(), k, stride=1, padding=radius)[0, 0] > 0
 
 
-def select_for_senders(ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor, grid: BEVGrid,
-                       cfg: SelectionSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cells each sender transmits, in its own grid.
+def select_for_senders(request: torch.Tensor | None, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor,
+                       grid: BEVGrid, cfg: SelectionSettings) -> torch.Tensor:
+    """(S, H, W) bool: the cells each of S senders transmits, in its own grid.
 
-    ego_conf (H, W) in the ego frame; sender_conf (S, H, W) and T_ego_from_sender (S, 4, 4) for the
-    S senders. Returns (S, H, W) bool masks and the ego's request mask (None without filling)."""
+    `request` (H, W) bool in the ego frame: the ego's information-filling request as the senders
+    received it (None: no request, every sender selects by its own confidence alone);
+    sender_conf (S, H, W) and T_ego_from_sender (S, 4, 4) for the S senders."""
     S = sender_conf.shape[0]
     if S == 0:
-        return torch.zeros_like(sender_conf, dtype=torch.bool), None
+        return torch.zeros_like(sender_conf, dtype=torch.bool)
     conf = smooth_confidence(sender_conf, cfg.smooth_sigma)
     T_sender_from_ego = torch.linalg.inv(T_ego_from_sender.double()).float()
     # cells that land outside the ego's grid are of no use to it, whatever the selection rule
-    inside_ego = _warp_maps(torch.ones_like(conf), T_sender_from_ego, grid, "nearest") > 0.5
-    if not cfg.filling:
-        return torch.stack([select_cells(conf[s], cfg.threshold, cfg.top_k, inside_ego[s]) for s in range(S)]), None
-    request = ego_request(ego_conf, cfg.request_threshold)
-    # what the ego already sees counts as covered; the senders add their confidence in turn
-    seen = dilate(request, cfg.request_dilation)
-    covered = torch.where(seen, torch.full_like(ego_conf, cfg.cap), ego_conf)
-    masks = []
-    for s in range(S):
-        covered_here = _warp_maps(covered[None], T_sender_from_ego[s : s + 1], grid, "nearest")[0]
-        mask = select_cells(conf[s], cfg.threshold, cfg.top_k, allowed=inside_ego[s] & (covered_here < cfg.cap))
-        masks.append(mask)
-        covered = covered + _warp_maps((conf[s] * mask)[None], T_ego_from_sender[s : s + 1], grid, "nearest")[0]
-    return torch.stack(masks), request
+    allowed = _warp_maps(torch.ones_like(conf), T_sender_from_ego, grid, "nearest") > 0.5
+    if cfg.filling and request is not None:
+        # the ego's confident cells mark object centres; its features cover the whole object, so each
+        # sender widens the requested cells before leaving them out
+        seen = dilate(request, cfg.request_dilation).float()[None].expand(S, -1, -1)
+        allowed &= _warp_maps(seen, T_sender_from_ego, grid, "nearest") < 0.5
+    return torch.stack([select_cells(conf[s], cfg.threshold, cfg.top_k, allowed[s]) for s in range(S)])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from coperception.comm.codecs import MessageCodec
-from coperception.comm.select import select_for_senders
+from coperception.comm.select import ego_request, select_for_senders
 from coperception.config import SelectionSettings
 from coperception.grid import BEVGrid
 from coperception.pipeline.ego import Delivery
@@ -25,20 +25,29 @@ class AgentSide(nn.Module):
         self.selection = selection
         self.grid = grid
 
-    def select(self, ego_conf: torch.Tensor, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(S, H, W) cells each of S senders transmits (all of them for a dense codec) and the ego's
-        information-filling request (None without filling)."""
+    def request(self, ego_conf: torch.Tensor) -> torch.Tensor | None:
+        """The ego's information-filling request, (H, W) bool (None without filling or when it is empty:
+        an empty request is not sent)."""
+        if not (self.codec.sparse and self.selection.filling):
+            return None
+        request = ego_request(ego_conf, self.selection.request_threshold)
+        return request if bool(request.any()) else None
+
+    def select(self, request: torch.Tensor | None, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor
+               ) -> torch.Tensor:
+        """(S, H, W) cells each of S senders transmits (all of them for a dense codec), from their own
+        confidence and the request they received."""
         if not self.codec.sparse:
-            return torch.ones_like(sender_conf, dtype=torch.bool), None
-        return select_for_senders(ego_conf, sender_conf, T_ego_from_sender.to(sender_conf.device), self.grid,
+            return torch.ones_like(sender_conf, dtype=torch.bool)
+        return select_for_senders(request, sender_conf, T_ego_from_sender.to(sender_conf.device), self.grid,
                                   self.selection)
 
     def selected(self, conf: torch.Tensor, batch: AgentBatch) -> torch.Tensor:
-        """(N_total, H, W) bool: every cell of an ego view, the cells each sender selects for its ego."""
+        """(N_total, H, W) bool: every cell of an ego view, the cells each sender selects for its ego
+        (training: the request reaches the senders as the ego computed it)."""
         arrived = []
         for c, T in zip(conf.split(batch.record_len), batch.T_ego_from_agent.split(batch.record_len)):
-            masks = self.select(c[0], c[1:], T[1:])[0] if len(c) > 1 else c[1:].bool()
+            masks = self.select(self.request(c[0]), c[1:], T[1:]) if len(c) > 1 else c[1:].bool()
             arrived.append(torch.cat([torch.ones_like(c[:1], dtype=torch.bool), masks]))
         return torch.cat(arrived)
 

@@ -22,7 +22,7 @@ from coperception.comm.channel import Channel, Transmission, newest_arrived
 from coperception.comm.kinds import MessageKind
 from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage
-from coperception.comm.wire import Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
+from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.errors import ConfigError
 from coperception.datasets.collate import PreparedSample
@@ -96,6 +96,22 @@ class CommSession:
         self.held[where] = (tx, msg)
         return msg
 
+    def _request(self, ego_conf: torch.Tensor, ego: int, ego_time: float, pose: np.ndarray
+                 ) -> tuple[torch.Tensor | None, int]:
+        """The ego's information-filling request as the senders receive it (rebuilt from its packets, so
+        nothing but its bits reaches them) and its bytes. The request is not delayed by the channel."""
+        request = self.agent.request(ego_conf)
+        if request is None:  # no filling, or an empty request, which is not sent
+            return None, 0
+        msg = Message(MessageKind.REQUEST, ego, self.sequence, ego_time, pose, self.grid,
+                      torch.nonzero(request.flatten(), as_tuple=True)[0].cpu().numpy())
+        packets = encode_message(msg, self.cfg.channel.mtu, self._key(ego))
+        received = decode_packets(packets, keys=self.keys, require_auth=self.keys is not None,
+                                  expected=Expected(self.grid, (MessageKind.REQUEST,)))
+        bits = torch.zeros(self.grid.cells, dtype=torch.bool, device=ego_conf.device)
+        bits[torch.from_numpy(received.cells).to(ego_conf.device)] = True
+        return bits.view(self.grid.height, self.grid.width), sum(len(p) for p in packets)
+
     def _message(self, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float, pose: np.ndarray) -> Message:
         cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
         vectors = feats.flatten(1)[:, cells].T.contiguous()  # (N, C)
@@ -136,12 +152,8 @@ class CommSession:
         conf = self.confidence(feats)
         T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)) if len(views) > 1 \
             else torch.zeros(0, 4, 4)
-        masks, request = self.agent.select(conf[0], conf[1:], T_now)
-        request_bytes = 0
-        if request is not None and bool(request.any()):  # an empty request is not sent: no news covers nothing
-            req = Message(MessageKind.REQUEST, views[0].sender, self.sequence, ego_time, views[0].T_world_from_agent,
-                          self.grid, torch.nonzero(request.flatten(), as_tuple=True)[0].cpu().numpy())
-            request_bytes = sum(len(p) for p in encode_message(req, self.cfg.channel.mtu, self._key(views[0].sender)))
+        request, request_bytes = self._request(conf[0], views[0].sender, ego_time, views[0].T_world_from_agent)
+        masks = self.agent.select(request, conf[1:], T_now)
         delivered = {}
         for k, view in enumerate(views[1:]):
             # the pose of the frame the features are in, as the sender's (noisy) localisation places it
