@@ -11,6 +11,7 @@ receiver decodes) and at evaluation (`payload` / `vectors`: the message's conten
 
 from __future__ import annotations
 
+import abc
 from typing import Any, ClassVar
 
 import numpy as np
@@ -27,7 +28,9 @@ from coperception.registry import Registry
 
 
 class MessageCodec(nn.Module):
-    sparse: ClassVar[bool]  # sends the selected cells (else the whole map)
+    """What every codec offers: its training stand-in and the identity of its code tables."""
+
+    sparse: ClassVar[bool] = False  # sends the selected cells (a `CellCodec`), else the whole map
 
     def __init__(self, channels: int, settings: CodebookSettings):
         super().__init__()
@@ -42,22 +45,24 @@ class MessageCodec(nn.Module):
         """The identity of the code tables the receiver must hold (None: no tables)."""
         return None
 
+
+class CellCodec(MessageCodec, abc.ABC):
+    """A codec of selected cells, carried in the wire format."""
+
+    sparse = True
+
+    @abc.abstractmethod
     def expected(self, grid: BEVGrid) -> Expected:
         """What a receiver holding this codec can decode (anything else is rejected on arrival)."""
-        raise NotImplementedError(f"{type(self).__name__} does not read wire messages")
 
+    @abc.abstractmethod
     def payload(self, vectors: torch.Tensor) -> dict[str, Any]:
         """(K, C) cell features -> the payload fields of a wire `Message` (the sender adds the header
         fields and the codebook hash, `digest()`)."""
-        raise NotImplementedError(f"{type(self).__name__} does not build wire messages")
 
+    @abc.abstractmethod
     def vectors(self, msg: Message) -> torch.Tensor:
         """A decoded wire message -> (K, C) cell features."""
-        raise NotImplementedError(f"{type(self).__name__} does not read wire messages")
-
-    def dense_bytes(self, features: torch.Tensor, sender: int, capture_time: float, pose: np.ndarray) -> int:
-        """Serialized size of a whole (C, H, W) map (dense codecs only)."""
-        raise NotImplementedError(f"{type(self).__name__} does not send whole maps")
 
 
 CODECS: Registry[type[MessageCodec]] = Registry("comm.codec")
@@ -65,16 +70,13 @@ CODECS: Registry[type[MessageCodec]] = Registry("comm.codec")
 
 @CODECS.register("dense")
 class DenseCodec(MessageCodec):
-    sparse = False
-
     def dense_bytes(self, features: torch.Tensor, sender: int, capture_time: float, pose: np.ndarray) -> int:
+        """Serialized size of a whole (C, H, W) map."""
         return len(serialize_features(features.detach().cpu().numpy(), sender, capture_time, pose))
 
 
 @CODECS.register("sparse")
-class SparseFp32Codec(MessageCodec):
-    sparse = True
-
+class SparseFp32Codec(CellCodec):
     def expected(self, grid: BEVGrid) -> Expected:
         return Expected(grid, (MessageKind.SPARSE_FP32,), channels=self.channels)
 
@@ -87,9 +89,7 @@ class SparseFp32Codec(MessageCodec):
 
 
 @CODECS.register("codebook")
-class CodebookCodec(MessageCodec):
-    sparse = True
-
+class CodebookCodec(CellCodec):
     def __init__(self, channels: int, settings: CodebookSettings):
         super().__init__(channels, settings)
         self.quantizer = ResidualVQ(channels, settings.segments, settings.stages, settings.codes, settings.decay,

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from coperception.comm.channel import Channel, Transmission, newest_arrived
-from coperception.comm.kinds import MessageKind
+from coperception.comm.codecs import CellCodec, DenseCodec
 from coperception.comm.keys import load_keys
-from coperception.comm.kinds import MalformedMessage
+from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.errors import ConfigError
@@ -57,14 +57,15 @@ class CommSession:
         self.channel = Channel(self.cfg.channel, np.random.default_rng(self.cfg.channel.seed))
         self.grid = self.agent.grid
         self.codebook_hash = self.codec.digest()
-        self.expected = self.codec.expected(self.grid) if self.codec.sparse else None
         self.keys = load_keys(self.cfg.key_file) if self.cfg.key_file else None
-        if self.codec.sparse:
-            self._check_mtu()
+        self.expected = None
+        if isinstance(self.codec, CellCodec):
+            self.expected = self.codec.expected(self.grid)
+            self._check_mtu(self.codec)
 
-    def _check_mtu(self) -> None:
+    def _check_mtu(self, codec: CellCodec) -> None:
         """One cell of this codec must fit a packet (else the first message would fail mid-evaluation)."""
-        one = self.codec.payload(torch.zeros(1, self.codec.channels))
+        one = codec.payload(torch.zeros(1, codec.channels))
         probe = Message(sender=0, sequence=0, capture_time=0.0, pose=np.eye(4), grid=self.grid, cells=np.zeros(1, np.int64),
                         **one)
         try:
@@ -112,29 +113,30 @@ class CommSession:
         bits[torch.from_numpy(received.cells).to(ego_conf.device)] = True
         return bits.view(self.grid.height, self.grid.width), sum(len(p) for p in packets)
 
-    def _message(self, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float, pose: np.ndarray) -> Message:
+    def _message(self, codec: CellCodec, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float,
+                 pose: np.ndarray) -> Message:
         cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
         vectors = feats.flatten(1)[:, cells].T.contiguous()  # (N, C)
         self.sequence += 1
         extra = {"codebook_hash": self.codebook_hash} if self.codebook_hash is not None else {}
         return Message(sender=sender, sequence=self.sequence, capture_time=capture_time, pose=pose, grid=self.grid,
-                       cells=cells.cpu().numpy(), **self.codec.payload(vectors), **extra)
+                       cells=cells.cpu().numpy(), **codec.payload(vectors), **extra)
 
-    def _rebuild(self, msg: Message, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rebuild(self, codec: CellCodec, msg: Message, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded message -> (C, H, W) features (zeros where nothing arrived) and (H, W) arrived mask."""
         C, H, W = like.shape
         flat = like.new_zeros(C, H * W)
         arrived = torch.zeros(H * W, dtype=torch.bool, device=like.device)
         cells = torch.from_numpy(msg.cells).to(like.device)
         if len(cells):
-            flat[:, cells] = self.codec.vectors(msg).to(like.device, like.dtype).T
+            flat[:, cells] = codec.vectors(msg).to(like.device, like.dtype).T
             arrived[cells] = True
         return flat.view(C, H, W), arrived.view(H, W)
 
-    def _whole(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, "FrameComm"]:
+    def _whole(self, codec: DenseCodec, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, "FrameComm"]:
         """Dense maps: every view delivered at once, counted at its serialized size."""
         views = sample.agents
-        sent = {v.sender: self.codec.dense_bytes(feats[k], v.sender, v.capture_time, v.T_ego_from_frame)
+        sent = {v.sender: codec.dense_bytes(feats[k], v.sender, v.capture_time, v.T_ego_from_frame)
                 for k, v in enumerate(views) if k > 0}
         T = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views]).astype(np.float32)).to(feats.device)
         age = torch.tensor([v.age for v in views], dtype=torch.float32, device=feats.device)
@@ -144,8 +146,10 @@ class CommSession:
     @torch.no_grad()
     def deliver(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, FrameComm]:
         """feats (n, C, H, W): this sample's views (ego first), each in its own frame -> what the ego holds."""
-        if not self.codec.sparse:
-            return self._whole(feats, sample)
+        codec = self.codec
+        if isinstance(codec, DenseCodec):
+            return self._whole(codec, feats, sample)
+        assert isinstance(codec, CellCodec)
         scenario = sample.frame_key.split("/")[0]
         views = sample.agents
         ego_time = views[0].capture_time
@@ -159,7 +163,7 @@ class CommSession:
             # the pose of the frame the features are in, as the sender's (noisy) localisation places it
             true_pose = view.T_world_from_agent
             reported_pose = self.channel.noisy_pose(true_pose) @ invert(true_pose) @ view.T_world_from_frame
-            msg = self._message(feats[k + 1], masks[k], view.sender, view.capture_time, reported_pose)
+            msg = self._message(codec, feats[k + 1], masks[k], view.sender, view.capture_time, reported_pose)
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
             tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
@@ -185,7 +189,7 @@ class CommSession:
                 rejected[type(exc).__name__] = rejected.get(type(exc).__name__, 0) + 1
                 self.queues[(scenario, view.sender)].remove(tx)
                 continue
-            f, arrived = self._rebuild(msg, feats[0])
+            f, arrived = self._rebuild(codec, msg, feats[0])
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
             transforms.append(invert(T_world_from_ego) @ msg.pose)
