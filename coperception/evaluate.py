@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -39,7 +40,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     session = CommSession(model.agent, model.confidence, cfg.comm) if model.agent is not None else None
     sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, request_bytes, fused_ages = [], [], [], []
-    rejected: dict[str, int] = {}
+    rejected: Counter[str] = Counter()
     model_ms = []
     load_ms = []
     kept = []
@@ -50,8 +51,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         t0 = time.perf_counter()
         out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold, session)
         model_ms.append((time.perf_counter() - t0) * 1e3)
-        for reason, n in (out.rejected or {}).items():
-            rejected[reason] = rejected.get(reason, 0) + n
+        rejected.update(out.rejected or {})
         for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):
             acc.add(dets.boxes, dets.scores, p.gt_boxes)
             request = out.request_bytes[i] if out.request_bytes else 0
@@ -79,7 +79,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     if sparse:
         entry["request_bytes_per_frame"] = float(np.mean(request_bytes)) if request_bytes else 0.0
         entry["mean_fused_age_s"] = float(np.mean(fused_ages)) if fused_ages else None
-        entry["rejected_messages"] = rejected  # refused on arrival (malformed, unauthenticated, foreign codebook)
+        entry["rejected_messages"] = dict(rejected)  # refused on arrival (malformed, unauthenticated, foreign codebook)
     if keep_detections:
         entry["_detections"] = kept
     return entry

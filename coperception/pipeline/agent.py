@@ -7,6 +7,8 @@ comm session turns them into packets.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -53,21 +55,21 @@ class AgentSide(nn.Module):
 
     def sent_cells(self, conf: torch.Tensor, batch: AgentBatch) -> tuple[torch.Tensor, ...]:
         """(view, row, col) of every cell the senders of `batch` transmit."""
-        senders = ~batch.is_ego.to(conf.device)[:, None, None]
-        return torch.nonzero(self.selected(conf, batch) & senders, as_tuple=True)
+        return _sender_cells(self.selected(conf, batch), batch)
 
-    def training_delivery(self, feats: torch.Tensor, conf: torch.Tensor, batch: AgentBatch,
-                          kept: torch.Tensor | None) -> tuple[Delivery, torch.Tensor | None]:
+    def training_delivery(self, feats: torch.Tensor, batch: AgentBatch, kept: torch.Tensor | None,
+                          confidence: Callable[[torch.Tensor], torch.Tensor]) -> tuple[Delivery, torch.Tensor | None]:
         """Training: what the ego receives when every message arrives at once (`kept`: (N_total, H, W)
-        cells not lost), and the codec's auxiliary loss. Senders keep their selected cells, as the
-        codec's receiver would decode them; the ego's own view stays whole."""
+        cells not lost), and the codec's auxiliary loss. Senders keep their selected cells (ranked by
+        `confidence` of their features), as the codec's receiver would decode them; the ego's own view
+        stays whole."""
         aux = None
         if not self.codec.sparse:
             arrived, out = kept, feats
         else:
-            arrived = self.selected(conf, batch)
+            arrived = self.selected(confidence(feats), batch)
             out = feats * arrived[:, None].to(feats.dtype)
-            n_idx, y_idx, x_idx = torch.nonzero(arrived & ~batch.is_ego.to(feats.device)[:, None, None], as_tuple=True)
+            n_idx, y_idx, x_idx = _sender_cells(arrived, batch)
             values, aux = self.codec.train_values(feats[n_idx, :, y_idx, x_idx])
             out = _put_cells(out, n_idx, y_idx, x_idx, values)
             if kept is not None:
@@ -86,6 +88,11 @@ def drop_messages(batch: AgentBatch, rate: float, like: torch.Tensor) -> torch.T
     keep = (torch.rand(N) >= rate / 2) & ~alone[batch.sample_of_view()]
     keep |= batch.is_ego
     return keep.to(like.device)[:, None, None].expand(N, H, W)
+
+
+def _sender_cells(arrived: torch.Tensor, batch: AgentBatch) -> tuple[torch.Tensor, ...]:
+    """(view, row, col) of the arrived cells of every non-ego view."""
+    return torch.nonzero(arrived & ~batch.is_ego.to(arrived.device)[:, None, None], as_tuple=True)
 
 
 def _put_cells(feats: torch.Tensor, n: torch.Tensor, y: torch.Tensor, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ channel (they would not fit it); they are delivered whole, counted at their seri
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -173,7 +174,7 @@ class CommSession:
         chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages: dict[int, float] = {}
-        rejected: dict[str, int] = {}
+        rejected: Counter[str] = Counter()
         for view in views[1:]:
             queue = self.queues.get((scenario, view.sender), [])
             tx = newest_arrived(queue, ego_time + self.cfg.channel.fusion_deadline_ms / 1e3)
@@ -186,7 +187,7 @@ class CommSession:
             try:
                 msg = self._receive(tx, (scenario, view.sender), ego_time)
             except MalformedMessage as exc:  # this sender's message is dropped; the ego goes on with the rest
-                rejected[type(exc).__name__] = rejected.get(type(exc).__name__, 0) + 1
+                rejected[type(exc).__name__] += 1
                 self.queues[(scenario, view.sender)].remove(tx)
                 continue
             f, arrived = self._rebuild(codec, msg, feats[0])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -151,8 +152,7 @@ class IntermediateFusion(Strategy):
         feats = model.encode(batch)
         kept = drop_messages(batch, model.message_dropout, feats) if model.training and model.message_dropout > 0 else None
         alone = model.head(feats[batch.ego_index.to(feats.device)]) if model.training and model.ego_loss else None
-        conf = model.confidence(feats) if model.agent.codec.sparse else feats.new_zeros(0)
-        delivery, aux = model.agent.training_delivery(feats, conf, batch, kept)
+        delivery, aux = model.agent.training_delivery(feats, batch, kept, model.confidence)
         return TrainOutput(model.receive(delivery), aux, alone)
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
@@ -161,15 +161,14 @@ class IntermediateFusion(Strategy):
             raise ValueError("intermediate cooperation delivers its messages through a CommSession")
         feats = model.encode(batch)
         deliveries, sizes, requests, ages = [], [], [], []
-        rejected: dict[str, int] = {}
+        rejected: Counter[str] = Counter()
         for p, views in zip(prepared, feats.split(batch.record_len)):
             delivery, stats = session.deliver(views, p)
             deliveries.append(delivery)
             sizes.append(list(stats.delivered_bytes.values()))
             requests.append(stats.request_bytes)
             ages.append(list(stats.fused_ages.values()))
-            for reason, n in stats.rejected.items():
-                rejected[reason] = rejected.get(reason, 0) + n
+            rejected.update(stats.rejected)
         out = model.receive(Delivery.cat(deliveries))
         return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages,
                               rejected)
