@@ -64,7 +64,7 @@ def inspect(
     try:
         cfg = load_config(config, overrides)
         dataset = build_dataset(cfg.dataset, split, str(root) if root else None)
-        stats = visibility_stats(dataset, cfg.dataset.eval_range)
+        stats = visibility_stats(dataset, cfg.dataset.gt_range())
     except CoperceptionError as exc:
         _fail(exc)
     if out:

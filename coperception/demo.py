@@ -38,7 +38,7 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
         run_simulation(cfg.dataset.format, root, cfg.simulator, workers=workers)
     timings["simulate"] = time.perf_counter() - t0
     test_set = InMemoryDataset(build_dataset(cfg.dataset, cfg.dataset.eval_split), desc=f"read {cfg.dataset.eval_split}")
-    visibility = visibility_stats(test_set, cfg.dataset.eval_range, progress=False)
+    visibility = visibility_stats(test_set, cfg.dataset.gt_range(), progress=False)
     log(f"{cfg.dataset.eval_split}: {visibility['gt_vehicles']} GT vehicles in the eval range; with >= "
         f"{visibility['min_points']} LiDAR points: ego {visibility['ego_visible_fraction']:.1%}, any agent "
         f"{visibility['union_visible_fraction']:.1%}")

@@ -34,7 +34,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     indices = list(range(len(data)))[: limit or None]
     loader = DataLoader(torch.utils.data.Subset(data, indices), batch_size=1, collate_fn=collate,
                         num_workers=cfg.train.num_workers)
-    acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds))
+    acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds), gt_range=cfg.dataset.gt_range())
     was_training = model.training
     model.eval()
     session = CommSession(model.agent, model.confidence, cfg.comm) if model.agent is not None else None

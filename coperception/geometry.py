@@ -130,33 +130,28 @@ def boxes_to_corners(boxes: np.ndarray) -> np.ndarray:
 
 
 def corners_to_boxes(corners: np.ndarray) -> np.ndarray:
-    """(N, 8, 3) corners of upright boxes, in any order -> (N, 7) boxes.
+    """(N, 8, 3) corners in the order of `_UNIT_CORNERS` -> (N, 7) boxes.
 
-    The footprint is the 4 lowest corners; length is its longer side and yaw the direction
-    of that side, taken from the corners themselves (never averaged angles). The heading
-    of a box given only by its corners is defined up to pi; yaw is returned in [-pi, pi).
+    That order is DAIR-V2X's `world_8_points` and OpenCOOD's: corners 0-3 the bottom face,
+    4-7 the top, each face (+l,+w), (+l,-w), (-l,-w), (-l,+w). The box axes follow from the
+    edges, so the heading is kept over the full circle (the length axis points from corner
+    3 to corner 0) and a pitched or rolled box keeps its true size (l, w, h are the lengths
+    of its own edges, not of its axis-aligned footprint). Yaw is the heading of the length
+    axis in the xy plane, in [-pi, pi).
     """
     corners = np.asarray(corners, dtype=np.float64).reshape(-1, 8, 3)
-    n = len(corners)
-    if n == 0:
+    if len(corners) == 0:
         return np.zeros((0, 7))
     centre = corners.mean(axis=1)
-    order = np.argsort(corners[..., 2], axis=1, kind="stable")
-    bottom = np.take_along_axis(corners, order[:, :4, None], axis=1)[..., :2]
-    h = corners[..., 2].max(axis=1) - corners[..., 2].min(axis=1)
-    # order the footprint counter-clockwise around its centre
-    rel = bottom - bottom.mean(axis=1, keepdims=True)
-    ang = np.arctan2(rel[..., 1], rel[..., 0])
-    bottom = np.take_along_axis(bottom, np.argsort(ang, axis=1)[..., None], axis=1)
-    e0 = bottom[:, 1] - bottom[:, 0]
-    e1 = bottom[:, 2] - bottom[:, 1]
-    n0, n1 = np.linalg.norm(e0, axis=1), np.linalg.norm(e1, axis=1)
-    long_is_e0 = n0 >= n1
-    long_edge = np.where(long_is_e0[:, None], e0, e1)
-    length = np.maximum(n0, n1)
-    width = np.minimum(n0, n1)
-    yaw = wrap_angle(np.arctan2(long_edge[:, 1], long_edge[:, 0]))
-    return np.column_stack([centre, length, width, h, yaw])
+    # each axis averaged over its four parallel edges
+    along_length = (corners[:, [0, 1, 4, 5]] - corners[:, [3, 2, 7, 6]]).mean(axis=1)
+    along_width = (corners[:, [0, 3, 4, 7]] - corners[:, [1, 2, 5, 6]]).mean(axis=1)
+    along_height = (corners[:, 4:] - corners[:, :4]).mean(axis=1)
+    length = np.linalg.norm(along_length, axis=1)
+    width = np.linalg.norm(along_width, axis=1)
+    height = np.linalg.norm(along_height, axis=1)
+    yaw = wrap_angle(np.arctan2(along_length[:, 1], along_length[:, 0]))
+    return np.column_stack([centre, length, width, height, yaw])
 
 
 def bev_corners(boxes: np.ndarray) -> np.ndarray:
@@ -253,6 +248,13 @@ def in_range_mask(boxes: np.ndarray, point_range: list[float] | np.ndarray) -> n
     r = np.asarray(point_range, dtype=np.float64)
     corners = boxes_to_corners(boxes)
     return ((corners >= r[:3]) & (corners <= r[3:])).all(axis=(1, 2))
+
+
+def bev_in_range_mask(boxes: np.ndarray, point_range: list[float] | np.ndarray) -> np.ndarray:
+    """True for boxes whose 4 BEV footprint corners all lie inside the x/y of `[xmin, ymin, _, xmax, ymax, _]`."""
+    r = np.asarray(point_range, dtype=np.float64)
+    corners = bev_corners(np.asarray(boxes, dtype=np.float64).reshape(-1, 7))
+    return ((corners >= r[[0, 1]]) & (corners <= r[[3, 4]])).all(axis=(1, 2))
 
 
 def rotated_iou_bev_aligned(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from coperception.datasets.opv2v import OPV2VDataset
 from coperception.datasets.sim.sensors import camera_intrinsics, render_camera
 from coperception.datasets.sim.writers import OPV2V_CAMERA_MOUNTS, _rig
 from coperception.errors import DataFormatError
-from coperception.geometry import invert, points_in_boxes, transform_boxes, transform_points
+from coperception.geometry import invert, points_in_boxes, transform_boxes, transform_points, wrap_angle
 from tests.conftest import REALDATA
 
 
@@ -127,6 +127,7 @@ def test_dair_poses_offsets_and_labels(dair_set):
             j = int(np.argmin(np.hypot(*(truth_boxes[:, :2] - box[:2]).T)))
             assert np.hypot(*(truth_boxes[j, :2] - box[:2])) < 1e-3
             assert abs(float(truth_boxes[j, 3] - box[3])) < 1e-6
+            assert abs(float(wrap_angle(truth_boxes[j, 6] - box[6]))) < 1e-6  # the heading, not modulo pi
             expected = hits.get(int(ids[j]), 0)
             if expected >= 20:
                 assert abs(int(count) - expected) <= max(3, 0.1 * expected)

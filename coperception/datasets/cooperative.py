@@ -26,12 +26,13 @@ def opv2v_agent_order(agent_ids: Sequence[str]) -> list[str]:
 
 
 def select_agents(order: Sequence[str], positions: dict[str, np.ndarray], comm_range: float, max_agents: int) -> list[str]:
-    """Keep agents within `comm_range` metres (xy) of the ego (the first in `order`), at most `max_agents`."""
+    """The first `max_agents` of `order` (the first is the ego), then without those beyond
+    `comm_range` metres (xy) of the ego — OpenCOOD's order: the cap comes before the range test,
+    so an out-of-range agent inside the cap is not replaced by a later one."""
     if not order:
         return []
     ego_xy = np.asarray(positions[order[0]])[:2]
-    kept = [a for a in order if np.hypot(*(np.asarray(positions[a])[:2] - ego_xy)) <= comm_range]
-    return kept[:max_agents]
+    return [a for a in list(order)[:max_agents] if np.hypot(*(np.asarray(positions[a])[:2] - ego_xy)) <= comm_range]
 
 
 def remove_body_points(points: np.ndarray) -> np.ndarray:
@@ -50,23 +51,23 @@ def crop_in_ego_frame(points: np.ndarray, T_ego_from_agent: np.ndarray, point_ra
 
 
 def merge_ground_truth(per_agent: Sequence[tuple[np.ndarray, np.ndarray, list[str]]], exclude_ids: set[int],
-                       point_range: Sequence[float]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Union of the agents' GT (boxes already in the ego frame), deduplicated by id (the first
-    listing wins), without `exclude_ids`, keeping boxes whose 8 corners lie inside the range."""
+                       gt_range: Sequence[float]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Union of the agents' GT (boxes already in the ego frame) without `exclude_ids`, keeping
+    boxes whose 8 corners lie inside `gt_range`, deduplicated by id: the first listing **that
+    lies in range** wins (OpenCOOD), so an out-of-range listing never hides an in-range one."""
     boxes, ids, classes = [], [], []
     seen: set[int] = set(exclude_ids)
     for agent_boxes, agent_ids, agent_classes in per_agent:
-        for box, oid, cls in zip(agent_boxes, agent_ids, agent_classes):
-            if int(oid) in seen:
+        agent_boxes = np.asarray(agent_boxes, dtype=np.float64).reshape(-1, 7)
+        inside = in_range_mask(agent_boxes, gt_range) if len(agent_boxes) else np.zeros(0, dtype=bool)
+        for box, oid, cls, ok in zip(agent_boxes, agent_ids, agent_classes, inside):
+            if not ok or int(oid) in seen:
                 continue
             seen.add(int(oid))
             boxes.append(box)
             ids.append(int(oid))
             classes.append(cls)
-    boxes_arr = np.array(boxes, dtype=np.float64).reshape(-1, 7)
-    ids_arr = np.array(ids, dtype=np.int64)
-    keep = in_range_mask(boxes_arr, point_range) if len(boxes_arr) else np.zeros(0, dtype=bool)
-    return boxes_arr[keep], ids_arr[keep], [c for c, k in zip(classes, keep) if k]
+    return np.array(boxes, dtype=np.float64).reshape(-1, 7), np.array(ids, dtype=np.int64), classes
 
 
 class CooperativeDataset(Protocol):

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
-from coperception.config import DAIR_RANGE, DatasetConfig
+from coperception.config import DatasetConfig
 from coperception.datasets.cooperative import crop_in_ego_frame, merge_ground_truth, remove_body_points, select_agents
 from coperception.datasets.pcd import read_lidar_points
 from coperception.datasets.types import AgentObservation, Camera, CooperativeSample
@@ -149,8 +149,7 @@ class DairV2XDataset:
     `<root>/split/<split>.json`, or `all` for every record of `cooperative/data_info.json`."""
 
     def __init__(self, root: str | Path, split: str, cfg: DatasetConfig | None = None):
-        self.cfg = cfg or DatasetConfig(format="dair-v2x", root=str(root), point_cloud_range=list(DAIR_RANGE),
-                                        eval_range=list(DAIR_RANGE))
+        self.cfg = cfg or DatasetConfig(format="dair-v2x", root=str(root))  # DAIR's ranges, 100 m comm range
         self.root = Path(root)
         info_path = self.root / "cooperative" / "data_info.json"
         raw = read_json(info_path)
@@ -256,7 +255,7 @@ class DairV2XDataset:
         boxes = corners_to_boxes(ego_corners)
         ids = np.arange(len(boxes), dtype=np.int64)
         gt_boxes, gt_ids, gt_classes = merge_ground_truth([(boxes, ids, ["vehicle"] * len(ids))], set(),
-                                                          self.cfg.point_cloud_range)
+                                                          self.cfg.gt_range(self.cfg.point_cloud_range))
 
         def earlier(k: int) -> list[AgentObservation | None]:
             out: list[AgentObservation | None] = []

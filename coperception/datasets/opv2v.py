@@ -170,7 +170,7 @@ class OPV2VDataset:
             boxes, ids = vehicles_in_frame(metas[c], T_ego_from_world)
             per_agent.append((boxes, ids, ["vehicle"] * len(ids)))
         exclude = {int(kept[0])} if not kept[0].startswith("-") else set()
-        gt_boxes, gt_ids, gt_classes = merge_ground_truth(per_agent, exclude, self.cfg.point_cloud_range)
+        gt_boxes, gt_ids, gt_classes = merge_ground_truth(per_agent, exclude, self.cfg.gt_range(self.cfg.point_cloud_range))
 
         def earlier(k: int) -> list[AgentObservation | None]:
             frames = self._frames(scenario)

@@ -1,7 +1,9 @@
 """Average precision for BEV rotated boxes (DESIGN §5).
 
 Protocol: BEV rotated IoU of footprints; VOC all-point-interpolated AP; GT limited to the
-eval range (all 8 corners inside), predictions whose centre lies outside its x/y dropped;
+GT range (the eval range, for DAIR-V2X widened by 1 m in z as HEAL does; all 8 corners
+inside), predictions dropped unless all four BEV corners lie inside the eval range's x/y
+(OpenCOOD and HEAL);
 a detection is a true positive when its IoU with the best still-unmatched GT of its frame
 reaches the threshold; the GT count sums over all frames.
 - `global` (HEAL / CoAlign): the detections of all frames are sorted together by score.
@@ -17,10 +19,10 @@ from typing import Sequence
 
 import numpy as np
 
-from coperception.geometry import in_range_mask, rotated_iou_bev
+from coperception.geometry import bev_in_range_mask, in_range_mask, rotated_iou_bev
 
 PROTOCOL = ("BEV rotated IoU; VOC all-point AP; detections of all frames sorted together by score (global sort); "
-            "GT in the eval range (8 corners inside), predictions outside it in x/y dropped")
+            "GT in the eval range (8 corners inside), predictions with a BEV corner outside it in x/y dropped")
 
 
 @dataclass
@@ -31,11 +33,13 @@ class FrameMatches:
 
 
 def match_frame(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou_threshold: float,
-                eval_range: Sequence[float]) -> FrameMatches:
-    gt = gt[in_range_mask(gt, eval_range)] if len(gt) else gt.reshape(0, 7)
-    r = eval_range
+                eval_range: Sequence[float], gt_range: Sequence[float] | None = None) -> FrameMatches:
+    """Greedy matching of one frame. GT is kept when its 8 corners lie in `gt_range` (default: the
+    eval range); a prediction when its 4 BEV corners lie in the eval range's x/y."""
+    gt_range = eval_range if gt_range is None else gt_range
+    gt = gt[in_range_mask(gt, gt_range)] if len(gt) else gt.reshape(0, 7)
     if len(boxes):
-        inside = (boxes[:, 0] >= r[0]) & (boxes[:, 0] <= r[3]) & (boxes[:, 1] >= r[1]) & (boxes[:, 1] <= r[4])
+        inside = bev_in_range_mask(boxes, eval_range)
         boxes, scores = boxes[inside], scores[inside]
     order = np.argsort(-scores, kind="stable")
     boxes, scores = boxes[order], scores[order]
@@ -85,12 +89,14 @@ class APAccumulator:
 
     eval_range: Sequence[float]
     thresholds: Sequence[float] = (0.3, 0.5, 0.7)
+    gt_range: Sequence[float] | None = None  # None: the eval range
     frames: dict[float, list[FrameMatches]] = field(default_factory=dict)
 
     def add(self, boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray) -> None:
         for t in self.thresholds:
             self.frames.setdefault(t, []).append(match_frame(np.asarray(boxes).reshape(-1, 7), np.asarray(scores).reshape(-1),
-                                                             np.asarray(gt).reshape(-1, 7), t, self.eval_range))
+                                                             np.asarray(gt).reshape(-1, 7), t, self.eval_range,
+                                                             self.gt_range))
 
     def result(self, global_sort: bool = True) -> dict[str, float]:
         return {f"{t:g}": ap_from_matches(self.frames.get(t, []), global_sort) for t in self.thresholds}
