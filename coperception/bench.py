@@ -66,7 +66,7 @@ def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Pat
     run = variant(cfg, method, train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
                                         "freeze_detector": frozen}, **sections)
     log(f"fine-tuning {target.parent.name} from {start} ({epochs} epochs)")
-    train(run, sample_cache=sample_cache, progress=False)
+    train(run, sample_cache=sample_cache, progress=False, overwrite=True)
     return target
 
 

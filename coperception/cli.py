@@ -75,8 +75,11 @@ def inspect(
 @app.command()
 def train(
     config: Path = typer.Option(..., "--config", help="Experiment YAML."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
+                                         "cuda:N; sets train.device, which evaluation uses too."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.epochs=5."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <train.out_dir>/last.pt at its saved step."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty train.out_dir."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train the configured cooperation method; `torchrun --nproc_per_node N` runs it with DDP."""
@@ -88,9 +91,9 @@ def train(
     from coperception.train import train as run_training
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, _with_device(overrides, device))
         validate_config(cfg)
-        summary = run_training(cfg, resume=resume, progress=progress)
+        summary = run_training(cfg, resume=resume, progress=progress, overwrite=overwrite)
     except CoperceptionError as exc:
         _fail(exc)
     if summary["rank"] == 0:
@@ -108,6 +111,8 @@ def evaluate(
                                            "trained for); e.g. `late` with an ego-only checkpoint."),
     out: Optional[Path] = typer.Option(None, help="JSON report path (default: next to the checkpoint)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N frames."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
+                                         "cuda:N; sets train.device, which evaluation uses too."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """Evaluate a checkpoint: AP (global sort and OpenCOOD per-frame sort), measured bytes, ms per stage."""
@@ -119,12 +124,12 @@ def evaluate(
 
     try:
         if config is not None:
-            cfg = load_config(config, overrides)
+            cfg = load_config(config, _with_device(overrides, device))
         else:
             stored = load_checkpoint(checkpoint).get("config")
             if not isinstance(stored, dict):
                 raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
-            cfg = config_from_dict(stored, overrides, f"{checkpoint} (stored config)")
+            cfg = config_from_dict(stored, _with_device(overrides, device), f"{checkpoint} (stored config)")
         if strategy:
             cfg = cfg.variant(strategy=strategy)
         name = method_label(cfg)
@@ -173,6 +178,8 @@ def bench_comm_command(
                                   "(one fine-tuned model each)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every benchmarked model "
                                          "(default: train.epochs of --config)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
+                                         "cuda:N; sets train.device, which evaluation uses too."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """AP@0.5 vs measured bytes: baselines, Where2comm-style fp32 messages and codebook messages."""
@@ -180,7 +187,7 @@ def bench_comm_command(
     from coperception.bench import bench_comm
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, _with_device(overrides, device))
         checkpoints = {m: runs / m / "best.pt" for m in ("early", "max") if (runs / m / "best.pt").is_file()}
         if "max" not in checkpoints:
             raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
@@ -198,6 +205,8 @@ def bench_robustness_command(
     ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/last.pt"), help="Ego-only checkpoint "
                                                   "for the reference line (default: the one `bench comm` fine-tunes)."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
+                                         "cuda:N; sets train.device, which evaluation uses too."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
 ) -> None:
     """AP@0.5 of codebook messages under packet loss, delay and pose noise."""
@@ -206,7 +215,7 @@ def bench_robustness_command(
     from coperception.bench import bench_robustness
 
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, _with_device(overrides, device))
         stored = load_checkpoint(checkpoint).get("config") or {}
         if isinstance(stored.get("comm"), dict) and "codebook" in stored["comm"]:
             cfg.comm.codebook = CodebookSettings.model_validate(stored["comm"]["codebook"])  # the trained codebook's shape
@@ -223,6 +232,8 @@ def demo(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),
     out: Path = typer.Option(Path("outputs/demo"), help="Where checkpoints, the report and the picture go."),
     workers: int = typer.Option(2, help="Simulation worker processes."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
+                                         "cuda:N; sets train.device, which evaluation uses too."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. demo.ego_epochs=2."),
 ) -> None:
     """The main job on the synthetic world: simulate (if absent) -> train -> evaluate every baseline -> table,
@@ -231,10 +242,14 @@ def demo(
     from coperception.demo import run_demo
 
     try:
-        cfg = load_config(config if config.is_file() else None, overrides)
+        cfg = load_config(config, _with_device(overrides, device))
         run_demo(cfg, out, workers=workers, log=typer.echo)
     except CoperceptionError as exc:
         _fail(exc)
+
+
+def _with_device(overrides: list[str], device: str | None) -> list[str]:
+    return [*overrides, f"train.device={device}"] if device else overrides
 
 
 def main() -> None:

@@ -56,6 +56,9 @@ class DatasetConfig(Strict):
     # where tall trucks and buses near the ego would otherwise leave the GT)
     gt_z_margin: float = Field(0.0, ge=0)
     load_cameras: bool = False
+    # DAIR-V2X-C: split name -> JSON file of vehicle frame ids (a list, as CoAlign/HEAL's train.json and
+    # val.json, or the official split file with `cooperative_split`); default `<root>/split/<name>.json`
+    split_files: dict[str, str] = Field(default_factory=dict)
 
     _range = field_validator("point_cloud_range", "eval_range")(_check_range)
 
@@ -133,7 +136,10 @@ class ModelConfig(Strict):
     encoders: dict[str, str] = Field(default_factory=lambda: {"default": "pointpillars"})
     voxel_size: tuple[float, float, float] = (0.8, 0.8, 4.0)
     max_points_per_voxel: int = Field(32, ge=1)
+    # pillars kept per agent view in training; above it a random subset is kept (seeded per sample)
     max_voxels: int = Field(32000, ge=1)
+    # the same cap at evaluation (None: max_voxels); OpenCOOD's OPV2V preset keeps 70000 there
+    max_voxels_test: int | None = Field(None, ge=1)
     pfn_channels: int = Field(32, ge=1)
     layers: list[int] = Field(default_factory=lambda: [2, 3, 3])
     strides: list[int] = Field(default_factory=lambda: [2, 2, 2])
@@ -284,11 +290,17 @@ class TrainConfig(Strict):
     weight_decay: float = Field(1e-2, ge=0)
     num_workers: int = Field(2, ge=0)
     seed: int = 0
+    # where training, evaluation and benches run: auto (CUDA when present, else CPU), cpu, cuda, cuda:N
+    device: str = "auto"
+    # mixed precision of the forward pass and loss: fp32 (none), bf16 (CPU or GPU), fp16 (GPU, with loss scaling)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # page-locked host batches for faster copies to the GPU (None: on when the device is CUDA)
+    pin_memory: bool | None = None
     out_dir: str = "outputs/train"
     checkpoint_every: int = Field(200, ge=1)
     validate_each_epoch: bool = True
     augment: bool = True
-    cache_samples: bool = True  # read the training and validation splits into memory once
+    cache_samples: bool = False  # read the training and validation splits into memory once (small data only)
     # start from another run's weights (e.g. an ego-only model before fine-tuning a fusion);
     # the model section must match, the fusion method may differ
     init_from: str | None = None
@@ -417,10 +429,29 @@ def _read_config_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any
     return _deep_merge(_read_config_file(path.parent / base, (*chain, resolved)), data)
 
 
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` when that file exists; otherwise the preset shipped with the package under the same
+    name (`configs/opv2v/max.yaml`, `opv2v/max.yaml`), so installed copies find their presets from any
+    folder. A name that is neither is an error listing the presets."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    if parts and not given.is_absolute():
+        packaged = PACKAGED_CONFIGS.joinpath(*parts)
+        if packaged.is_file():
+            return packaged
+    presets = sorted(str(p.relative_to(PACKAGED_CONFIGS)) for p in PACKAGED_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(f"{given}: config file does not exist (nor is it a shipped preset: {', '.join(presets)})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a YAML experiment config (or defaults when `path` is None) and apply overrides."""
     source = str(path) if path is not None else "<defaults>"
-    data = _read_config_file(Path(path)) if path is not None else {}
+    data = _read_config_file(resolve_config_path(path)) if path is not None else {}
     return config_from_dict(data, overrides, source)
 
 

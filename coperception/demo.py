@@ -50,11 +50,11 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
     t0 = time.perf_counter()
     cache: dict = {}
     ego_cfg = _with(cfg, "none", runs / "none", demo.ego_epochs, None)
-    summaries["none"] = train(ego_cfg, sample_cache=cache)
+    summaries["none"] = train(ego_cfg, sample_cache=cache, overwrite=True)
     checkpoints["none"] = runs / "none" / "best.pt"
     for method in demo.fusion_methods:
         method_cfg = _with(cfg, method, runs / method, demo.fusion_epochs, str(checkpoints["none"]))
-        summaries[method] = train(method_cfg, sample_cache=cache)
+        summaries[method] = train(method_cfg, sample_cache=cache, overwrite=True)
         checkpoints[method] = runs / method / "best.pt"
     timings["train"] = time.perf_counter() - t0
 

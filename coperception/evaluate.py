@@ -16,6 +16,7 @@ from coperception.datasets.collate import collate
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import PreparedDataset
 from coperception.datasets.readers import build_dataset
+from coperception.device import synchronize
 from coperception.eval.ap import PROTOCOL, APAccumulator
 from coperception.pipeline.model import CooperativeModel, method_label
 from coperception.pipeline.session import CommSession
@@ -50,6 +51,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         load_ms.append((time.perf_counter() - t_load) * 1e3)
         t0 = time.perf_counter()
         out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold, session)
+        synchronize(device)
         model_ms.append((time.perf_counter() - t0) * 1e3)
         rejected.update(out.rejected or {})
         for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):

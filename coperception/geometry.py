@@ -228,19 +228,23 @@ def rotated_iou_bev(boxes_a: np.ndarray, boxes_b: np.ndarray, chunk: int = 4096)
     ia, ib = np.nonzero(dist < ra[:, None] + rb[None, :])
     if len(ia) == 0:
         return iou
-    ca, cb = bev_corners(a), bev_corners(b)
-    area_a = a[:, 3] * a[:, 4]
-    area_b = b[:, 3] * b[:, 4]
     scale = max(float(np.abs(a[:, :2]).max()), float(np.abs(b[:, :2]).max()), 1.0)
-    eps = 1e-9 * scale
+    iou[ia, ib] = pair_ious(a, bev_corners(a), b, bev_corners(b), ia, ib, 1e-9 * scale, chunk)
+    return iou
+
+
+def pair_ious(a: np.ndarray, corners_a: np.ndarray, b: np.ndarray, corners_b: np.ndarray, ia: np.ndarray,
+              ib: np.ndarray, eps: float, chunk: int = 4096) -> np.ndarray:
+    """BEV IoU of the pairs (a[ia[k]], b[ib[k]]) given the boxes and their `bev_corners`, in [0, 1]."""
+    out = np.zeros(len(ia))
     for start in range(0, len(ia), chunk):
         sa, sb = ia[start : start + chunk], ib[start : start + chunk]
         # centre each pair on A's centre for numerical accuracy far from the origin
         origin = a[sa, None, :2]
-        inter = _quad_intersection_area(ca[sa] - origin, cb[sb] - origin, eps)
-        union = area_a[sa] + area_b[sb] - inter
-        iou[sa, sb] = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-    return np.clip(iou, 0.0, 1.0)
+        inter = _quad_intersection_area(corners_a[sa] - origin, corners_b[sb] - origin, eps)
+        union = a[sa, 3] * a[sa, 4] + b[sb, 3] * b[sb, 4] - inter
+        out[start : start + chunk] = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return np.clip(out, 0.0, 1.0)
 
 
 def in_range_mask(boxes: np.ndarray, point_range: list[float] | np.ndarray) -> np.ndarray:

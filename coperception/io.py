@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,12 +23,15 @@ except AttributeError:  # pragma: no cover
 M = TypeVar("M", bound=BaseModel)
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and `os.replace`."""
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o666) -> None:
+    """Write `data` to `path` through a temporary file and `os.replace`. The file gets `mode` less the
+    process umask, as `open` would give it (teammates on a shared server can read datasets, checkpoints
+    and reports); secrets pass `mode=0o600`."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as exc:
         raise OutputError(path, exc.strerror or type(exc).__name__) from None
     try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +22,16 @@ from coperception.checkpoint import (CheckpointError, check_architecture, load_c
                                      require_fields, save_checkpoint)
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import collate
+from coperception.device import autocast, distributed_backend, resolve_device
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import EpochSampler, PreparedDataset
 from coperception.datasets.readers import InMemoryDataset, build_dataset
 from coperception.errors import ConfigError, OutputError
 from coperception.evaluate import evaluate_method
+from coperception.io import read_json, write_json, write_yaml
 from coperception.models.losses import LossWeights, detection_loss
-from coperception.pipeline.model import CooperativeModel, architecture, build_model, fit_codebook, init_weights, method_label
+from coperception.pipeline.model import (CooperativeModel, architecture, build_model, fit_codebook, init_weights,
+                                         method_label, saved_architecture)
 from coperception.pipeline.strategies import TrainOutput
 from coperception.types import TargetBatch
 
@@ -40,12 +46,14 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed() -> _Dist:
+def _init_distributed(device: torch.device) -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return _Dist()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group(distributed_backend(device))
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
@@ -77,8 +85,10 @@ class _State:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, resume: bool, progress: bool,
-                 sample_cache: dict[tuple[str, str], CooperativeDataset] | None):
-        self.cfg, self.ddp = cfg, _init_distributed()
+                 sample_cache: dict[tuple[str, str], CooperativeDataset] | None, overwrite: bool = False):
+        self.device = resolve_device(cfg.train.device)
+        self.cfg, self.ddp = cfg, _init_distributed(self.device)
+        autocast(self.device, cfg.train.precision)  # an impossible precision fails before any work
         self.show = progress and self.ddp.main
         self.sample_cache = sample_cache
         self.out_dir = Path(cfg.train.out_dir)
@@ -86,12 +96,7 @@ class Trainer:
         self.arch = architecture(cfg)
         self.label = method_label(cfg)
         if self.ddp.main:  # before any work: a run that cannot save its checkpoints should not start
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise OutputError(self.out_dir, exc.strerror or type(exc).__name__) from None
-            if not os.access(self.out_dir, os.W_OK):
-                raise OutputError(self.out_dir, "no write permission")
+            prepare_run_folder(self.out_dir, resume, overwrite)
         # a resume that cannot work fails before a whole split is read
         self.saved = self.checked_resume_state() if resume else None
         torch.manual_seed(cfg.train.seed)
@@ -105,11 +110,12 @@ class Trainer:
                 raise ConfigError("train.freeze_detector: only a codebook codec has anything left to train")
             for name, param in model.named_parameters():
                 param.requires_grad_(name.startswith("agent.codec."))
+        model.to(self.device)
         self.train_set = self.open_split(cfg.dataset.train_split)
         self.val_set = self.open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and self.ddp.main else None
         mode = model.strategy.input_mode(training=True, project_first=cfg.cooperation.project_first)
-        self.data = PreparedDataset(self.train_set, cfg.dataset, cfg.model, mode, model.targets, cfg.train.augment,
-                                    cfg.train.seed)
+        self.data = PreparedDataset(self.train_set, cfg.dataset, cfg.model, mode, model.assigner, cfg.train.augment,
+                                    cfg.train.seed, training=True)
         if model.agent is not None and cfg.comm.codec == "codebook" and not resume \
                 and not bool(model.agent.codec.quantizer.initialised):  # type: ignore[union-attr]
             self.fit_codebook(model)
@@ -122,7 +128,11 @@ class Trainer:
         self.resumed_from = self.resume() if resume else None
         self.train_model: torch.nn.Module = model
         if self.ddp.world > 1 and not self.freeze:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(model)
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # fp16 needs loss scaling against underflow; bf16 has fp32's exponent range and does not
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
+        self.pin_memory = cfg.train.pin_memory if cfg.train.pin_memory is not None else self.device.type == "cuda"
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard")) if self.ddp.main else None
@@ -131,6 +141,8 @@ class Trainer:
     def log(self, text: str) -> None:
         if self.ddp.main:  # summaries print without the progress bar too (logs of unattended runs)
             tqdm.write(text)
+            with open(self.out_dir / "train.log", "a", encoding="utf-8") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
 
     def open_split(self, split: str) -> CooperativeDataset:
         cfg = self.cfg
@@ -161,7 +173,7 @@ class Trainer:
             raise CheckpointError(f"{self.last_path}: --resume given but there is no checkpoint to resume from")
         saved = load_checkpoint(self.last_path)
         require_fields(self.last_path, saved, ("optimizer", "scheduler", "step", "best"))
-        check_architecture(self.last_path, saved["arch"], self.arch)
+        check_architecture(self.last_path, saved_architecture(saved["arch"]), self.arch)
         return saved
 
     def resume(self) -> int:
@@ -186,12 +198,17 @@ class Trainer:
     def step(self, batch, targets: TargetBatch) -> float:
         """One optimiser step; returns the total loss."""
         s = self.state
-        losses = training_losses(self.train_model(batch), targets, self.weights, self.cfg.train.ego_loss_weight)
+        batch, targets = batch.to(self.device), targets.to(self.device, non_blocking=self.pin_memory)
+        with autocast(self.device, self.cfg.train.precision):
+            out = self.train_model(batch)
+            losses = training_losses(out, targets, self.weights, self.cfg.train.ego_loss_weight)
         s.optimizer.zero_grad(set_to_none=True)
         if losses["total"].requires_grad:
-            losses["total"].backward()
+            self.scaler.scale(losses["total"]).backward()
+            self.scaler.unscale_(s.optimizer)
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), 10.0)
-        s.optimizer.step()
+        self.scaler.step(s.optimizer)
+        self.scaler.update()
         s.scheduler.step()
         s.step += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
@@ -241,7 +258,7 @@ class Trainer:
             sampler = EpochSampler(len(self.data), cfg.train.seed, epoch, self.ddp.rank, self.ddp.world,
                                    skip=done_in_epoch * cfg.train.batch_size)
             loader = DataLoader(self.data, batch_size=cfg.train.batch_size, sampler=sampler, collate_fn=collate,
-                                num_workers=cfg.train.num_workers, persistent_workers=False)
+                                num_workers=cfg.train.num_workers, persistent_workers=False, pin_memory=self.pin_memory)
             self.set_train_mode()
             losses = []
             for batch, targets, _ in loader:
@@ -258,12 +275,72 @@ class Trainer:
             self.save(self.out_dir / "best.pt", s.best)
         return {"method": self.label, "steps": s.step, "resumed_from": self.resumed_from, "history": s.history,
                 "best_val_ap50": s.best, "seconds": time.perf_counter() - started, "world_size": self.ddp.world,
-                "rank": self.ddp.rank}
+                "rank": self.ddp.rank, "device": str(self.device), "precision": self.cfg.train.precision}
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
-          sample_cache: dict[tuple[str, str], CooperativeDataset] | None = None) -> dict[str, Any]:
-    """Train the cooperation `cfg` describes; checkpoints `last.pt` / `best.pt` and TensorBoard logs go to
-    `cfg.train.out_dir`. Returns a summary (steps, losses, validation AP, seconds). Several runs on
-    the same data may share `sample_cache` (samples read into memory once)."""
-    return Trainer(cfg, resume, progress, sample_cache).run()
+          sample_cache: dict[tuple[str, str], CooperativeDataset] | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Train the cooperation `cfg` describes into the run folder `cfg.train.out_dir` (checkpoints
+    `last.pt` / `best.pt`, TensorBoard logs, the resolved `config.yaml`, `run.json` with the command
+    line and git revision, `train.log`). A folder holding an earlier run is refused unless `resume`
+    continues it or `overwrite` replaces it. Returns a summary (steps, losses, validation AP, seconds).
+    Several runs on the same data may share `sample_cache` (samples read into memory once)."""
+    trainer = Trainer(cfg, resume, progress, sample_cache, overwrite)
+    if trainer.ddp.main:
+        record_run(trainer.out_dir, cfg, resume)
+    return trainer.run()
+
+
+# what a training run writes into its folder; `--overwrite` removes exactly these
+RUN_FILES = ("last.pt", "best.pt", "tensorboard", "config.yaml", "run.json", "train.log", "summary.json")
+
+
+def prepare_run_folder(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Create the run folder, refusing to mix two runs in one: a non-empty folder needs `resume`
+    (continue the run there) or `overwrite` (its run files are removed first)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(out_dir, "train.out_dir is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not resume:
+        if not overwrite:
+            held = sorted(p.name for p in out_dir.iterdir())[:6]
+            raise OutputError(out_dir, f"train.out_dir is not empty (holds {', '.join(held)}): pass --resume to "
+                                       "continue that run, --overwrite to replace it, or choose another folder")
+        for name in RUN_FILES:
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out_dir, exc.strerror or type(exc).__name__) from None
+    if not os.access(out_dir, os.W_OK):
+        raise OutputError(out_dir, "no write permission")
+
+
+def git_revision() -> str | None:
+    """The checkout's commit (with `-dirty` when it has uncommitted changes), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def record_run(out_dir: Path, cfg: ExperimentConfig, resume: bool) -> None:
+    """Keep beside the checkpoints what reproduces the run: the resolved config and, per invocation,
+    the command line, the git revision and the time (a resume adds an entry)."""
+    write_yaml(out_dir / "config.yaml", cfg.model_dump(mode="json"))
+    runs_path = out_dir / "run.json"
+    previous = read_json(runs_path) if resume and runs_path.is_file() else {}
+    invocations = previous.get("invocations", []) if isinstance(previous, dict) else []
+    invocations.append({"command": [sys.executable, *sys.argv], "git_revision": git_revision(),
+                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resume": resume,
+                        "world_size": int(os.environ.get("WORLD_SIZE", "1"))})
+    write_json(runs_path, {"invocations": invocations})

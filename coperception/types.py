@@ -113,3 +113,8 @@ class TargetBatch:
     labels: torch.Tensor  # (B, A)
     residuals: torch.Tensor  # (B, A, 7)
     direction: torch.Tensor  # (B, A)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TargetBatch":
+        return TargetBatch(self.labels.to(device, non_blocking=non_blocking),
+                           self.residuals.to(device, non_blocking=non_blocking),
+                           self.direction.to(device, non_blocking=non_blocking))

@@ -39,7 +39,7 @@ def test_bad_override_and_bad_range(tmp_path):
 def test_shipped_configs_load():
     from pathlib import Path
 
-    files = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+    files = sorted((Path(__file__).resolve().parents[1] / "coperception" / "configs").rglob("*.yaml"))
     assert files, "configs/ holds the shipped presets"
     for path in files:
         load_config(path)

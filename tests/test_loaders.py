@@ -1,6 +1,7 @@
 """Loaders read the simulator's files back to the simulator's truth."""
 
 import json
+from pathlib import Path
 import shutil
 
 import numpy as np
@@ -203,8 +204,10 @@ def test_missing_file_and_split_are_named(dair_set, opv2v_set, tmp_path):
     ds = DairV2XDataset(root, "test", dair_set.dataset_cfg)
     with pytest.raises(DataFormatError, match=rf"{pcd.name}: file does not exist"):
         ds[0]
-    with pytest.raises(DataFormatError, match=r"split/nosuch\.json: file does not exist"):
+    with pytest.raises(DataFormatError, match=r"split/nosuch\.json: split 'nosuch' has no file.*dataset\.split_files"):
         DairV2XDataset(root, "nosuch", dair_set.dataset_cfg)
+    with pytest.raises(DataFormatError, match=r"elsewhere/train\.json: dataset\.split_files\.train: split file does not exist"):
+        DairV2XDataset(root, "train", dair_set.dataset_cfg.model_copy(update={"split_files": {"train": str(tmp_path / "elsewhere/train.json")}}))
     with pytest.raises(DataFormatError, match="split folder 'train' does not exist"):
         OPV2VDataset(opv2v_set.root, "train")
 
@@ -227,3 +230,25 @@ def test_points_frame_sanity(opv2v_set):
         pts = transform_points(s.T_ego_from_agent(k), agent.points)
         ground = np.percentile(pts[:, 2], 10)
         assert abs(ground - (-opv2v_set.cfg.lidar.mount_height)) < 0.3
+
+
+def test_dair_split_files_by_path(dair_set, tmp_path):
+    ids = json.loads((dair_set.root / "split/test.json").read_text())
+    coalign = tmp_path / "coalign" / "val.json"  # CoAlign/HEAL keep a plain list elsewhere
+    coalign.parent.mkdir()
+    coalign.write_text(json.dumps(ids[:2]))
+    official = tmp_path / "cooperative-split-data.json"  # the official file: one mapping for all splits
+    official.write_text(json.dumps({"cooperative_split": {"train": ids[2:], "val": ids[:3], "test": []}}))
+    cfg = dair_set.dataset_cfg.model_copy(update={"split_files": {"validate": str(coalign), "train": str(official)}})
+    assert [Path(r.vehicle_pointcloud_path).stem for r in DairV2XDataset(dair_set.root, "validate", cfg).records] == ids[:2]
+    assert len(DairV2XDataset(dair_set.root, "train", cfg).records) == len(ids) - 2
+    by_official = dair_set.dataset_cfg.model_copy(update={"split_files": {"validate": str(official)}})
+    assert len(DairV2XDataset(dair_set.root, "validate", by_official).records) == 3  # `validate` is `val` there
+    with pytest.raises(DataFormatError, match=r"no list for split 'mine'.*\['test', 'train', 'val'\]"):
+        DairV2XDataset(dair_set.root, "mine", dair_set.dataset_cfg.model_copy(update={"split_files": {"mine": str(official)}}))
+    coalign.write_text(json.dumps({"frames": 3}))
+    with pytest.raises(DataFormatError, match="no list for split 'validate'"):
+        DairV2XDataset(dair_set.root, "validate", cfg)
+    coalign.write_text(json.dumps([1.5]))
+    with pytest.raises(DataFormatError, match="list of vehicle frame ids"):
+        DairV2XDataset(dair_set.root, "validate", cfg)

@@ -7,7 +7,6 @@ holds them is written readable by its owner only.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Iterable
@@ -39,6 +38,5 @@ def load_keys(path: str | Path) -> dict[int, bytes]:
 def write_keys(path: str | Path, agent_ids: Iterable[int], key_bytes: int = 32) -> dict[int, bytes]:
     """Fresh random keys for `agent_ids`, written atomically with mode 0600; returns them."""
     keys = {int(a): secrets.token_bytes(key_bytes) for a in agent_ids}
-    atomic_write_bytes(path, json.dumps({str(a): k.hex() for a, k in keys.items()}, indent=1).encode())
-    os.chmod(path, 0o600)
+    atomic_write_bytes(path, json.dumps({str(a): k.hex() for a, k in keys.items()}, indent=1).encode(), mode=0o600)
     return keys

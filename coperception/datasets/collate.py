@@ -66,8 +66,9 @@ def _agent_id(agent_id: str) -> int:
         return zlib.crc32(agent_id.encode()) & 0x7FFFFFFF
 
 
-def _voxelize(points: np.ndarray, dcfg: DatasetConfig, mcfg: ModelConfig) -> Voxels:
-    return voxelize(points, dcfg.point_cloud_range, mcfg.voxel_size, mcfg.max_points_per_voxel, mcfg.max_voxels)
+def voxel_cap(mcfg: ModelConfig, training: bool) -> int:
+    """Pillars kept per view: `max_voxels` in training, `max_voxels_test` (default the same) otherwise."""
+    return mcfg.max_voxels if training or mcfg.max_voxels_test is None else mcfg.max_voxels_test
 
 
 def lift_to_ego_datum(points: np.ndarray, T_ego_from_agent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,11 +114,21 @@ def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np
 
 
 def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
-                   targets: TargetFn | None = None, rng: np.random.Generator | None = None) -> PreparedSample:
+                   targets: TargetFn | None = None, rng: np.random.Generator | None = None,
+                   training: bool = False) -> PreparedSample:
     """Voxelize the views `mode` asks for and (with `targets`) assign training targets to the ground truth.
 
     With `rng`, training augmentation is applied to the whole cooperative scene in the ego frame:
-    a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05]."""
+    a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05].
+    Views with more pillars than the cap (`voxel_cap`) keep a random subset, drawn from `rng` or,
+    without it, from a generator seeded by the frame (the same pillars on every evaluation)."""
+    frame_key = f"{sample.scenario}/{sample.frame}"
+    cap = voxel_cap(mcfg, training)
+    draw = rng if rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
+
+    def _voxelize(points: np.ndarray, dcfg: DatasetConfig, mcfg: ModelConfig) -> Voxels:
+        return voxelize(points, dcfg.point_cloud_range, mcfg.voxel_size, mcfg.max_points_per_voxel, cap, draw)
+
     ego_time = sample.ego.capture_time
     transforms = [sample.T_ego_from_agent(k) for k in range(len(sample.agents))]
     points = [agent.points for agent in sample.agents]
@@ -146,8 +157,7 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
                                     agent.T_world_from_agent, agent.T_world_from_agent))
-    return PreparedSample(views, gt, targets(gt) if targets is not None else None, f"{sample.scenario}/{sample.frame}",
-                          sent_points)
+    return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
 
 
 def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:

@@ -144,6 +144,24 @@ def read_world_labels(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return corners, [lb.type for lb in labels]
 
 
+def read_split_ids(path: Path, split: str) -> set[str]:
+    """Vehicle frame ids of `split` from a split file: a JSON list (ours, CoAlign/HEAL's `train.json` /
+    `val.json`), or the official DAIR-V2X split file, whose `cooperative_split` maps `train`/`val`/`test`
+    to lists (`validate` is looked up as `val` there)."""
+    data = read_json(path)
+    if isinstance(data, dict):
+        table = data.get("cooperative_split", data)
+        names = [split] + (["val"] if split == "validate" else [])
+        found = next((table[n] for n in names if isinstance(table, dict) and n in table), None)
+        if found is None:
+            keys = sorted(table) if isinstance(table, dict) else []
+            raise DataFormatError(path, f"no list for split '{split}' in this split file (it has {keys})")
+        data = found
+    if not isinstance(data, list) or not all(isinstance(w, (str, int)) and not isinstance(w, bool) for w in data):
+        raise DataFormatError(path, "expected a list of vehicle frame ids (strings such as \"000010\")")
+    return {str(w) for w in data}
+
+
 class DairV2XDataset:
     """Cooperative samples of DAIR-V2X-C. The split is a JSON list of vehicle frame ids at
     `<root>/split/<split>.json`, or `all` for every record of `cooperative/data_info.json`."""
@@ -157,16 +175,27 @@ class DairV2XDataset:
             raise DataFormatError(info_path, f"expected a list of records, got {type(raw).__name__}")
         records = [validate(CooperativeRecord, r, f"{info_path}[{i}]") for i, r in enumerate(raw)]
         if split != "all":
-            split_path = self.root / "split" / f"{split}.json"
-            wanted = read_json(split_path)
-            if not isinstance(wanted, list):
-                raise DataFormatError(split_path, "expected a list of vehicle frame ids")
-            wanted_set = {str(w) for w in wanted}
+            wanted_set = read_split_ids(self._split_path(split), split)
             records = [r for r in records if Path(r.vehicle_pointcloud_path).stem in wanted_set]
         self.split = split
         self.records = records
         self._vehicle_info = self._side_info("vehicle-side")
         self._infra_info = self._side_info("infrastructure-side")
+
+    def _split_path(self, split: str) -> Path:
+        given = self.cfg.split_files.get(split)
+        if given is None:
+            path = self.root / "split" / f"{split}.json"
+            if not path.is_file():
+                raise DataFormatError(path, f"split '{split}' has no file here; give its file with "
+                                            f"dataset.split_files.{split}=<path to the JSON list of vehicle frame ids>")
+            return path
+        path = Path(given)
+        if not path.is_absolute() and not path.is_file() and (self.root / path).is_file():
+            path = self.root / path  # relative to the dataset root
+        if not path.is_file():
+            raise DataFormatError(path, f"dataset.split_files.{split}: split file does not exist")
+        return path
 
     def _side_info(self, side: str) -> dict[str, SideInfo]:
         path = self.root / side / "data_info.json"

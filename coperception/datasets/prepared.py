@@ -19,9 +19,9 @@ class PreparedDataset(Dataset):
     with `augment`, each (epoch, index) gets its own seeded scene augmentation."""
 
     def __init__(self, inner: CooperativeDataset, dataset: DatasetConfig, model: ModelConfig, mode: InputMode,
-                 targets: TargetFn | None = None, augment: bool = False, seed: int = 0):
+                 targets: TargetFn | None = None, augment: bool = False, seed: int = 0, training: bool = False):
         self.inner, self.dataset, self.model, self.mode = inner, dataset, model, mode
-        self.targets, self.augment, self.seed = targets, augment, seed
+        self.targets, self.augment, self.seed, self.training = targets, augment, seed, training
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -29,7 +29,7 @@ class PreparedDataset(Dataset):
 
     def __getitem__(self, index: int) -> PreparedSample:
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
-        return prepare_sample(self.inner[index], self.mode, self.dataset, self.model, self.targets, rng)
+        return prepare_sample(self.inner[index], self.mode, self.dataset, self.model, self.targets, rng, self.training)
 
 
 class EpochSampler(Sampler[int]):

@@ -1,8 +1,9 @@
 """Vectorized voxel / pillar generation.
 
 Points are binned into a regular grid over `point_range`; each occupied voxel keeps its
-first `max_points` points in input order. Voxels are ordered by linear index (z, y, x)
-and at most `max_voxels` are kept (the first in that order).
+first `max_points` points in input order. Voxels are ordered by linear index (z, y, x).
+Above `max_voxels` occupied voxels a random subset of that many is kept (drawn from `rng`;
+the lowest indices would drop a whole band of the map), still in index order.
 """
 
 from __future__ import annotations
@@ -27,8 +28,16 @@ def grid_size(point_range: Sequence[float], voxel_size: Sequence[float]) -> tupl
     return int(n[0]), int(n[1]), int(n[2])
 
 
+def _kept_voxels(n_occupied: int, max_voxels: int, rng: np.random.Generator | None) -> np.ndarray | None:
+    """Indices of the occupied voxels to keep, ascending; None when all are kept."""
+    if n_occupied <= max_voxels:
+        return None
+    rng = rng if rng is not None else np.random.default_rng(0)
+    return np.sort(rng.choice(n_occupied, max_voxels, replace=False))
+
+
 def voxelize(points: np.ndarray, point_range: Sequence[float], voxel_size: Sequence[float], max_points: int,
-             max_voxels: int) -> Voxels:
+             max_voxels: int, rng: np.random.Generator | None = None) -> Voxels:
     """Group (N, C>=3) points into voxels (see module doc)."""
     r = np.asarray(point_range, dtype=np.float64)
     v = np.asarray(voxel_size, dtype=np.float64)
@@ -39,26 +48,23 @@ def voxelize(points: np.ndarray, point_range: Sequence[float], voxel_size: Seque
     idx = idx[inside]
     linear = (idx[:, 2] * ny + idx[:, 1]) * nx + idx[:, 0]
     order = np.argsort(linear, kind="stable")  # stable: input order within a voxel
-    linear_sorted = linear[order]
-    keys, starts, counts = np.unique(linear_sorted, return_index=True, return_counts=True)
-    if len(keys) > max_voxels:
-        keys, starts, counts = keys[:max_voxels], starts[:max_voxels], counts[:max_voxels]
+    keys, starts, counts = np.unique(linear[order], return_index=True, return_counts=True)
+    kept = _kept_voxels(len(keys), max_voxels, rng)
+    if kept is not None:
+        keys, starts, counts = keys[kept], starts[kept], counts[kept]
     n_vox = len(keys)
-    channels = points.shape[1]
-    voxels = np.zeros((n_vox, max_points, channels), dtype=np.float32)
+    voxels = np.zeros((n_vox, max_points, points.shape[1]), dtype=np.float32)
+    taken = np.minimum(counts, max_points)
     if n_vox:
-        # kept voxels are the first ones of the sorted list, so their points are its first rows
-        n_kept_points = int(counts.sum())
-        voxel_of = np.repeat(np.arange(n_vox), counts)
-        slot = np.arange(n_kept_points) - np.repeat(starts, counts)
-        keep = slot < max_points
-        voxels[voxel_of[keep], slot[keep]] = pts[order[:n_kept_points][keep]]
+        voxel_of = np.repeat(np.arange(n_vox), taken)
+        slot = np.arange(int(taken.sum())) - np.repeat(np.cumsum(taken) - taken, taken)
+        voxels[voxel_of, slot] = pts[order[np.repeat(starts, taken) + slot]]
     coords = np.column_stack([keys // (nx * ny), (keys // nx) % ny, keys % nx]).astype(np.int32)
-    return Voxels(voxels, coords, np.minimum(counts, max_points).astype(np.int32))
+    return Voxels(voxels, coords, taken.astype(np.int32))
 
 
 def voxelize_reference(points: np.ndarray, point_range: Sequence[float], voxel_size: Sequence[float], max_points: int,
-                       max_voxels: int) -> Voxels:
+                       max_voxels: int, rng: np.random.Generator | None = None) -> Voxels:
     """Brute-force per-point loop with the same semantics; for tests only."""
     r = np.asarray(point_range, dtype=np.float64)
     v = np.asarray(voxel_size, dtype=np.float64)
@@ -69,7 +75,10 @@ def voxelize_reference(points: np.ndarray, point_range: Sequence[float], voxel_s
         if not (0 <= i[0] < nx and 0 <= i[1] < ny and 0 <= i[2] < nz):
             continue
         buckets.setdefault((i[2], i[1], i[0]), []).append(p)
-    keys = sorted(buckets)[:max_voxels]
+    keys = sorted(buckets)
+    kept = _kept_voxels(len(keys), max_voxels, rng)
+    if kept is not None:
+        keys = [keys[i] for i in kept]
     voxels = np.zeros((len(keys), max_points, points.shape[1]), dtype=np.float32)
     nums = []
     for j, key in enumerate(keys):

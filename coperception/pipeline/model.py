@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from coperception.checkpoint import check_architecture, load_checkpoint, load_state_strict
+from coperception.device import resolve_device
 from coperception.comm.codecs import CODECS
 from coperception.config import BASELINE_STRATEGIES, ExperimentConfig
 from coperception.errors import ConfigError
@@ -20,7 +21,7 @@ from coperception.fusion.base import FUSIONS, build_fusion, fusion_settings
 from coperception.models.anchors import make_anchors
 from coperception.models.encoders import ENCODERS, EncoderSet
 from coperception.models.heads import AnchorHead, HeadOutput
-from coperception.models.targets import assign_targets
+from coperception.models.targets import AnchorAssigner
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.ego import Delivery, EgoSide
 from coperception.pipeline.strategies import STRATEGIES, Strategy, TrainOutput
@@ -43,7 +44,8 @@ class CooperativeModel(nn.Module):
         yaws = np.radians(cfg.model.anchor_yaws_deg)
         self.anchors_np = make_anchors(self.feature_grid, cfg.model.anchor_size, cfg.model.anchor_z, yaws)
         self.register_buffer("anchors", torch.from_numpy(self.anchors_np.reshape(-1, 7)), persistent=False)
-        self.pos_iou, self.neg_iou = cfg.model.pos_iou, cfg.model.neg_iou
+        # what the data pipeline needs for training targets (small and picklable: workers get it, not the model)
+        self.assigner = AnchorAssigner(self.anchors_np, cfg.model.pos_iou, cfg.model.neg_iou)
         self.ego: EgoSide | None = None
         self.agent: AgentSide | None = None
         if self.strategy.sends_features:
@@ -71,7 +73,7 @@ class CooperativeModel(nn.Module):
 
     def targets(self, gt_boxes: np.ndarray) -> AnchorTargets:
         """Training targets of this model's anchors for ground-truth boxes in the ego frame."""
-        return assign_targets(self.anchors_np, gt_boxes, self.pos_iou, self.neg_iou)
+        return self.assigner(gt_boxes)
 
     @torch.no_grad()
     def message_vectors(self, batch: AgentBatch) -> torch.Tensor:
@@ -109,15 +111,28 @@ def method_label(cfg: ExperimentConfig) -> str:
     return cfg.fusion.method if cfg.comm.codec == "dense" else f"{cfg.comm.codec}-{cfg.fusion.method}"
 
 
+# model-section keys that say how many pillars the data pipeline keeps, not which weights there are
+PIPELINE_ONLY_KEYS = frozenset({"max_voxels", "max_voxels_test"})
+
+
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match between a checkpoint and the model that loads it."""
-    arch: dict[str, Any] = {"model": cfg.model.model_dump(mode="json"), "point_cloud_range": list(cfg.dataset.point_cloud_range),
-                            "fusion": None}
+    arch: dict[str, Any] = {"model": cfg.model.model_dump(mode="json", exclude=set(PIPELINE_ONLY_KEYS)),
+                            "point_cloud_range": list(cfg.dataset.point_cloud_range), "fusion": None}
     if STRATEGIES.get(cfg.cooperation.strategy).sends_features:
         arch["fusion"] = {"method": cfg.fusion.method, "options": cfg.fusion.options}
         if cfg.comm.codec == "codebook":
             cb = cfg.comm.codebook
             arch["codebook"] = {"segments": cb.segments, "stages": cb.stages, "codes": cb.codes}
+    return arch
+
+
+def saved_architecture(arch: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored architecture, comparable with `architecture` (older checkpoints stored the
+    voxel cap in it)."""
+    arch = dict(arch)
+    if isinstance(arch.get("model"), dict):
+        arch["model"] = {k: v for k, v in arch["model"].items() if k not in PIPELINE_ONLY_KEYS}
     return arch
 
 
@@ -133,7 +148,7 @@ def init_weights(model: CooperativeModel, checkpoint: str | Path, cfg: Experimen
     shapes except that a fusion module or codec the checkpoint lacks starts fresh: their names are
     returned."""
     data = load_checkpoint(checkpoint)
-    saved, expected = dict(data["arch"]), architecture(cfg)
+    saved, expected = saved_architecture(data["arch"]), architecture(cfg)
     for key in ("fusion", "codebook"):
         saved.pop(key, None)
         expected.pop(key, None)
@@ -141,10 +156,12 @@ def init_weights(model: CooperativeModel, checkpoint: str | Path, cfg: Experimen
     return load_state_strict(checkpoint, model, data["model"], fresh_prefixes=FRESH_PREFIXES)
 
 
-def load_model(checkpoint: str | Path, cfg: ExperimentConfig, device: str | torch.device = "cpu") -> CooperativeModel:
-    """A model for `cfg` with the checkpoint's weights (architecture checked, strict), in eval mode."""
+def load_model(checkpoint: str | Path, cfg: ExperimentConfig, device: str | torch.device | None = None) -> CooperativeModel:
+    """A model for `cfg` with the checkpoint's weights (architecture checked, strict), in eval mode, on
+    `device` (default: `cfg.train.device`)."""
+    device = resolve_device(cfg.train.device) if device is None else device
     data = load_checkpoint(checkpoint)
-    check_architecture(checkpoint, data["arch"], architecture(cfg))
+    check_architecture(checkpoint, saved_architecture(data["arch"]), architecture(cfg))
     model = build_model(cfg)
     load_state_strict(checkpoint, model, data["model"])
     return model.to(device).eval()
@@ -158,9 +175,11 @@ def fit_codebook(model: CooperativeModel, batches, progress: bool = False, itera
     quantizer = model.agent.codec.quantizer  # type: ignore[union-attr]
     was_training = model.training
     model.eval()
-    vectors = [model.message_vectors(batch) for batch in tqdm(batches, desc="codebook k-means data", disable=not progress)]
+    device = quantizer.codebook.device
+    vectors = [model.message_vectors(batch.to(device))
+               for batch in tqdm(batches, desc="codebook k-means data", disable=not progress)]
     model.train(was_training)
-    x = torch.cat(vectors) if vectors else torch.zeros(0, quantizer.channels)
+    x = torch.cat(vectors) if vectors else torch.zeros(0, quantizer.channels, device=device)
     if len(x) == 0:  # e.g. an untrained detector is confident nowhere: the first batch seeds the codes instead
         return None
     return quantizer.fit(x, iterations, generator)

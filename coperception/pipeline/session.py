@@ -155,8 +155,8 @@ class CommSession:
         views = sample.agents
         ego_time = views[0].capture_time
         conf = self.confidence(feats)
-        T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)) if len(views) > 1 \
-            else torch.zeros(0, 4, 4)
+        T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)).to(feats.device) \
+            if len(views) > 1 else torch.zeros(0, 4, 4, device=feats.device)
         request, request_bytes = self._request(conf[0], views[0].sender, ego_time, views[0].T_world_from_agent)
         masks = self.agent.select(request, conf[1:], T_now)
         delivered = {}
