@@ -197,6 +197,35 @@ def bench_comm_command(
         _fail(exc)
 
 
+@bench_app.command("attack")
+def bench_attack_command(
+    checkpoints: list[Path] = typer.Option([Path("outputs/demo/train/max/best.pt")], "--checkpoint",
+                                           help="Intermediate-fusion checkpoint(s); repeat for each fusion to compare."),
+    config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (its comm section: "
+                                "codec, selection, channel, consistency thresholds)."),
+    ghosts: int = typer.Option(30, help="Fabricated cells per message of the lying sender."),
+    out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
+                                         "cuda:N; sets train.device, which evaluation uses too."),
+    overrides: list[str] = typer.Option(["comm.codec=sparse"], "--set", help="Override a config value (default: "
+                                        "comm.codec=sparse, messages through the wire format)."),
+) -> None:
+    """AP@0.5 when one sender sends well-formed lies (fabricated vehicles), with and without the ego's
+    consistency check -> outputs/bench/attack.json."""
+    from coperception.bench import bench_attack
+    from coperception.config import load_config
+
+    try:
+        cfg = load_config(config, _with_device(overrides, device))
+        for path in checkpoints:
+            if not path.is_file():
+                raise CoperceptionError(f"{path}: checkpoint does not exist (run `coperception demo` first)")
+        names = [p.parent.name if p.parent.name not in ("", ".") else p.stem for p in checkpoints]
+        bench_attack(cfg, dict(zip(names, checkpoints)), out, ghosts, log=typer.echo)
+    except CoperceptionError as exc:
+        _fail(exc)
+
+
 @bench_app.command("robustness")
 def bench_robustness_command(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (its comm section "

@@ -222,6 +222,20 @@ class CodebookSettings(Strict):
         return v
 
 
+class ConsistencySettings(Strict):
+    """The ego's check of each sender's message against its own evidence (see `pipeline/consistency.py`)."""
+
+    enabled: bool = False
+    # a sender "claims" a cell where the ego's head exceeds this with its features only
+    claim_threshold: float = Field(0.2, gt=0, lt=1)
+    # ... and the ego contradicts a claim in free space where its own confidence is below this
+    ego_threshold: float = Field(0.1, gt=0, lt=1)
+    max_conflict_fraction: float = Field(0.25, ge=0, le=1)  # drop the message above this share of contradicted claims
+    min_conflicts: int = Field(6, ge=1)  # ... and at least this many contradicted cells
+    # ego returns below this height (m, ego LiDAR frame) are ground: their rays cross empty cells
+    ground_z: float = -1.4
+
+
 class CommConfig(Strict):
     """What is sent between agents and over which channel (intermediate cooperation)."""
 
@@ -236,6 +250,7 @@ class CommConfig(Strict):
     # packet is signed with its sender's key and the ego accepts only signed, fresh, not replayed packets
     key_file: str | None = None
     freshness_ms: float = Field(1000.0, gt=0)  # with keys: capture times older than this (or ahead) are refused
+    consistency: ConsistencySettings = Field(default_factory=ConsistencySettings)
 
     @model_validator(mode="before")
     @classmethod

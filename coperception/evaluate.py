@@ -18,16 +18,17 @@ from coperception.datasets.prepared import PreparedDataset
 from coperception.datasets.readers import build_dataset
 from coperception.device import synchronize
 from coperception.eval.ap import PROTOCOL, APAccumulator
+from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.model import CooperativeModel, method_label
 from coperception.pipeline.session import CommSession
 
 
 def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, progress: bool = True,
                     limit: int | None = None, keep_detections: bool = False,
-                    dataset: CooperativeDataset | None = None) -> dict[str, Any]:
+                    dataset: CooperativeDataset | None = None, attack: GhostAttack | None = None) -> dict[str, Any]:
     """One method entry of the report shape of DESIGN §5 (plus `frames`) for the cooperation of `model`
     (built from `cfg`, whose comm section also gives the channel); `dataset` replaces the reader for
-    `split` (e.g. samples already in memory)."""
+    `split` (e.g. samples already in memory); `attack` makes one sender lie (intermediate cooperation)."""
     strategy = model.strategy
     label = method_label(cfg)
     inner = dataset if dataset is not None else build_dataset(cfg.dataset, split)
@@ -38,7 +39,9 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds), gt_range=cfg.dataset.gt_range())
     was_training = model.training
     model.eval()
-    session = CommSession(model.agent, model.confidence, cfg.comm) if model.agent is not None else None
+    session = None
+    if model.agent is not None:
+        session = CommSession(model.agent, model.confidence, cfg.comm, attack=attack)
     sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, request_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
@@ -95,7 +98,8 @@ def _cooperation_params(cfg: ExperimentConfig) -> dict[str, Any]:
     params.update(codec=cfg.comm.codec, fusion=cfg.fusion.model_dump(mode="json"),
                   project_first=cfg.cooperation.project_first)
     if cfg.comm.codec != "dense":
-        params.update(selection=cfg.comm.selection.model_dump(mode="json"), channel=cfg.comm.channel.model_dump(mode="json"))
+        params.update(selection=cfg.comm.selection.model_dump(mode="json"), channel=cfg.comm.channel.model_dump(mode="json"),
+                      consistency=cfg.comm.consistency.model_dump(mode="json"))
     if cfg.comm.codec == "codebook":
         params["codebook"] = cfg.comm.codebook.model_dump(mode="json")
     return params

@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "coperception"
-BASE = {"coperception", "errors", "io", "geometry", "grid", "registry", "config", "checkpoint", "types"}
+BASE = {"coperception", "errors", "io", "geometry", "grid", "registry", "config", "checkpoint", "types", "device"}
 STAGES = {"datasets", "models", "comm", "fusion", "eval"}
 COMPOSITION = {"pipeline"}
 APPS = {"train", "evaluate", "bench", "demo", "viz", "cli", "__main__"}

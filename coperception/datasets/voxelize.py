@@ -63,6 +63,12 @@ def voxelize(points: np.ndarray, point_range: Sequence[float], voxel_size: Seque
     return Voxels(voxels, coords, taken.astype(np.int32))
 
 
+def pillar_points(voxels: Voxels) -> np.ndarray:
+    """(M, C) the points the voxels hold (padding left out)."""
+    slots = np.arange(voxels.voxels.shape[1])[None, :] < voxels.num_points[:, None]
+    return voxels.voxels[slots]
+
+
 def voxelize_reference(points: np.ndarray, point_range: Sequence[float], voxel_size: Sequence[float], max_points: int,
                        max_voxels: int, rng: np.random.Generator | None = None) -> Voxels:
     """Brute-force per-point loop with the same semantics; for tests only."""

@@ -68,20 +68,10 @@ class AnchorAssigner:
         eps = 1e-9 * max(self.abs_xy_max, float(np.abs(gt[:, :2]).max()), 1.0)
         iou = pair_ious(flat, self.corners, gt, bev_corners(gt), ai, gi, eps)
         # best GT of each anchor (ties: the lowest GT index) and best anchor of each GT (ties: the lowest anchor)
-        best_gt = np.zeros(n, dtype=np.int64)
-        best_iou = np.zeros(n)
-        by_anchor = np.lexsort((gi, -iou, ai))
-        first = by_anchor[np.r_[True, ai[by_anchor][1:] != ai[by_anchor][:-1]]] if len(ai) else by_anchor
-        best_gt[ai[first]] = gi[first]
-        best_iou[ai[first]] = iou[first]
+        best_gt, best_iou = _best_partner(ai, gi, iou, n)
         labels[(best_iou >= self.neg_iou) & (best_iou < self.pos_iou)] = -1
         positive = best_iou >= self.pos_iou
-        best_anchor = np.zeros(m, dtype=np.int64)
-        best_of_gt = np.zeros(m)
-        by_gt = np.lexsort((ai, -iou, gi))
-        first = by_gt[np.r_[True, gi[by_gt][1:] != gi[by_gt][:-1]]] if len(gi) else by_gt
-        best_anchor[gi[first]] = ai[first]
-        best_of_gt[gi[first]] = iou[first]
+        best_anchor, best_of_gt = _best_partner(gi, ai, iou, m)
         has_overlap = best_of_gt > 0
         positive[best_anchor[has_overlap]] = True
         best_gt[best_anchor[has_overlap]] = np.arange(m)[has_overlap]
@@ -90,6 +80,18 @@ class AnchorAssigner:
         residuals[positive] = encode_boxes(matched, self.flat_stored[positive])
         direction[positive] = direction_bin(matched[:, 6])
         return AnchorTargets(labels, residuals, direction)
+
+
+def _best_partner(owner: np.ndarray, partner: np.ndarray, iou: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of `size` owners, the partner of its highest-IoU pair (ties: the lowest partner index)
+    and that IoU; 0 and 0.0 for owners without pairs."""
+    best = np.zeros(size, dtype=np.int64)
+    best_iou = np.zeros(size)
+    order = np.lexsort((partner, -iou, owner))
+    first = order[np.r_[True, owner[order][1:] != owner[order][:-1]]] if len(order) else order
+    best[owner[first]] = partner[first]
+    best_iou[owner[first]] = iou[first]
+    return best, best_iou
 
 
 def assign_targets(anchors: np.ndarray, gt_boxes: np.ndarray, pos_iou: float, neg_iou: float) -> AnchorTargets:

@@ -27,8 +27,11 @@ from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMess
 from coperception.config import CommConfig
 from coperception.errors import ConfigError
 from coperception.datasets.collate import PreparedSample
+from coperception.datasets.voxelize import pillar_points
 from coperception.geometry import invert
 from coperception.pipeline.agent import AgentSide
+from coperception.pipeline.attacks import GhostAttack
+from coperception.pipeline.consistency import check_message, free_space
 from coperception.pipeline.ego import Delivery
 
 
@@ -52,6 +55,7 @@ class CommSession:
     # per (scenario, sender): the transmission whose message the ego holds, decoded once
     held: dict[tuple[str, int], tuple[Transmission, Message]] = field(default_factory=dict)
     last_sequence: dict[tuple[str, int], int] = field(default_factory=dict)  # newest accepted, per sender
+    attack: GhostAttack | None = None  # a malicious sender, for `bench attack`
 
     def __post_init__(self) -> None:
         self.codec = self.agent.codec
@@ -164,7 +168,11 @@ class CommSession:
             # the pose of the frame the features are in, as the sender's (noisy) localisation places it
             true_pose = view.T_world_from_agent
             reported_pose = self.channel.noisy_pose(true_pose) @ invert(true_pose) @ view.T_world_from_frame
-            msg = self._message(codec, feats[k + 1], masks[k], view.sender, view.capture_time, reported_pose)
+            sent, mask = feats[k + 1], masks[k]
+            if self.attack is not None and self.attack.attacks(k + 1):
+                ego_x, ego_y = (float(v) for v in invert(view.T_ego_from_frame)[:2, 3])
+                sent, mask = self.attack(sent, conf[k + 1], mask, self.grid, (ego_x, ego_y))
+            msg = self._message(codec, sent, mask, view.sender, view.capture_time, reported_pose)
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
             tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
@@ -175,6 +183,8 @@ class CommSession:
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages: dict[int, float] = {}
         rejected: Counter[str] = Counter()
+        checks = self.cfg.consistency
+        ego_free = free_space(pillar_points(views[0].voxels), self.grid, checks.ground_z) if checks.enabled else None
         for view in views[1:]:
             queue = self.queues.get((scenario, view.sender), [])
             tx = newest_arrived(queue, ego_time + self.cfg.channel.fusion_deadline_ms / 1e3)
@@ -191,9 +201,17 @@ class CommSession:
                 self.queues[(scenario, view.sender)].remove(tx)
                 continue
             f, arrived = self._rebuild(codec, msg, feats[0])
+            T_ego_from_sender = invert(T_world_from_ego) @ msg.pose
+            if ego_free is not None:
+                T_bev = torch.from_numpy(T_ego_from_sender.astype(np.float32))
+                T_bev[2, 3] = 0.0
+                verdict = check_message(checks, f, arrived, T_bev, feats[0], conf[0], ego_free, self.confidence, self.grid)
+                if not verdict.consistent:  # contradicts what the ego itself observed: dropped for this frame
+                    rejected["InconsistentMessage"] += 1
+                    continue
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
-            transforms.append(invert(T_world_from_ego) @ msg.pose)
+            transforms.append(T_ego_from_sender)
             ages.append(ego_time - msg.capture_time)
             kinds.append(view.kind)
             fused_ages[view.sender] = ego_time - msg.capture_time
