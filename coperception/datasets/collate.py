@@ -115,16 +115,16 @@ def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np
 
 def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
                    targets: TargetFn | None = None, rng: np.random.Generator | None = None,
-                   training: bool = False) -> PreparedSample:
+                   training: bool = False, pillar_rng: np.random.Generator | None = None) -> PreparedSample:
     """Voxelize the views `mode` asks for and (with `targets`) assign training targets to the ground truth.
 
     With `rng`, training augmentation is applied to the whole cooperative scene in the ego frame:
     a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05].
-    Views with more pillars than the cap (`voxel_cap`) keep a random subset, drawn from `rng` or,
+    Views with more pillars than the cap (`voxel_cap`) keep a random subset, drawn from `pillar_rng` or,
     without it, from a generator seeded by the frame (the same pillars on every evaluation)."""
     frame_key = f"{sample.scenario}/{sample.frame}"
     cap = voxel_cap(mcfg, training)
-    draw = rng if rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
+    draw = pillar_rng if pillar_rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
 
     def _voxelize(points: np.ndarray, dcfg: DatasetConfig, mcfg: ModelConfig) -> Voxels:
         return voxelize(points, dcfg.point_cloud_range, mcfg.voxel_size, mcfg.max_points_per_voxel, cap, draw)

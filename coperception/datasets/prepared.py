@@ -16,7 +16,8 @@ from coperception.datasets.cooperative import CooperativeDataset
 
 class PreparedDataset(Dataset):
     """Cooperative samples turned into the views `mode` encodes (+ training targets with `targets`);
-    with `augment`, each (epoch, index) gets its own seeded scene augmentation."""
+    with `augment`, each (epoch, index) gets its own seeded scene augmentation; in `training` the pillars
+    kept above the cap are drawn from the same (seed, epoch, index) generator (after the augmentation)."""
 
     def __init__(self, inner: CooperativeDataset, dataset: DatasetConfig, model: ModelConfig, mode: InputMode,
                  targets: TargetFn | None = None, augment: bool = False, seed: int = 0, training: bool = False):
@@ -28,8 +29,9 @@ class PreparedDataset(Dataset):
         return len(self.inner)
 
     def __getitem__(self, index: int) -> PreparedSample:
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
-        return prepare_sample(self.inner[index], self.mode, self.dataset, self.model, self.targets, rng, self.training)
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment or self.training else None
+        return prepare_sample(self.inner[index], self.mode, self.dataset, self.model, self.targets,
+                              rng if self.augment else None, self.training, pillar_rng=rng if self.training else None)
 
 
 class EpochSampler(Sampler[int]):
