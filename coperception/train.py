@@ -22,10 +22,10 @@ from coperception.checkpoint import (CheckpointError, check_architecture, load_c
                                      require_fields, save_checkpoint)
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import collate
-from coperception.device import autocast, distributed_backend, resolve_device
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import EpochSampler, PreparedDataset
 from coperception.datasets.readers import InMemoryDataset, build_dataset
+from coperception.device import autocast, distributed_backend, resolve_device
 from coperception.errors import ConfigError, OutputError
 from coperception.evaluate import evaluate_method
 from coperception.io import read_json, write_json, write_yaml
@@ -207,8 +207,10 @@ class Trainer:
             self.scaler.scale(losses["total"]).backward()
             self.scaler.unscale_(s.optimizer)
             torch.nn.utils.clip_grad_norm_(s.model.parameters(), 10.0)
-        self.scaler.step(s.optimizer)
-        self.scaler.update()
+            self.scaler.step(s.optimizer)  # skipped by the fp16 scaler when a gradient overflowed
+            self.scaler.update()
+        else:  # nothing to differentiate (e.g. a frozen detector whose codebook moves by EMA only)
+            s.optimizer.step()
         s.scheduler.step()
         s.step += 1
         values = {k: float(v.detach()) for k, v in losses.items()}

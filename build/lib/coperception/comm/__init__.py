@@ -1,0 +1,1 @@
+"""Communication: what goes over the air, measured in bytes."""

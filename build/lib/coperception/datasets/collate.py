@@ -1,0 +1,186 @@
+"""From cooperative samples to model inputs: per-agent pillars, anchor targets, collation.
+
+Which agents' points are encoded, and in which frame, depends on the cooperation method:
+- `ego`: the ego's own points (no fusion; late fusion trains this way);
+- `merged`: every agent's points moved into the ego frame, one cloud (early fusion);
+- `all`: every agent's points in its own frame (late fusion at inference; intermediate fusion
+  without projection);
+- `projected`: every agent's points moved into the ego frame, each agent still encoded on its own
+  (intermediate fusion, OpenCOOD's `proj_first`): the sender projects with the ego pose the ego
+  broadcasts, so BEV features of all agents share the ego's axes and a feature's yaw means the same
+  for every agent.
+Each agent's points are lifted to the ego's height datum (z + height of the agent above the
+ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+
+from coperception.config import DatasetConfig, ModelConfig
+from coperception.datasets.types import CooperativeSample
+from coperception.datasets.voxelize import Voxels, voxelize
+from coperception.geometry import transform_points
+from coperception.types import AgentBatch, AnchorTargets, PillarBatch, TargetBatch
+
+TargetFn = Callable[[np.ndarray], AnchorTargets]  # ground-truth boxes in the ego frame -> anchor targets
+
+InputMode = Literal["ego", "merged", "all", "projected"]
+
+
+@dataclass
+class AgentInput:
+    """One encoded view: pillars in the view's own frame and where that frame sits in the ego frame."""
+
+    voxels: Voxels
+    T_ego_from_frame: np.ndarray  # (4, 4); z lift already applied to the points
+    kind: int  # 0 vehicle, 1 rsu
+    age: float  # seconds between this view's capture and the ego's
+    sender: int
+    capture_time: float
+    T_world_from_agent: np.ndarray  # (4, 4) the agent's true world pose at capture (unaugmented)
+    T_world_from_frame: np.ndarray  # (4, 4) world pose of the frame the view is encoded in (unaugmented)
+
+
+@dataclass
+class PreparedSample:
+    agents: list[AgentInput]  # ego (or the merged cloud) first
+    gt_boxes: np.ndarray
+    targets: AnchorTargets | None
+    frame_key: str
+    # early fusion: what each non-ego agent sends, (sender, capture time, pose, points in its frame)
+    sent_points: list[tuple[int, float, np.ndarray, np.ndarray]]
+
+
+def _agent_id(agent_id: str) -> int:
+    """The integer sender id the wire format carries: the id itself, or a stable CRC32 of a name
+    (Python's `hash` of a string changes from process to process)."""
+    try:
+        return int(agent_id)
+    except ValueError:
+        return zlib.crc32(agent_id.encode()) & 0x7FFFFFFF
+
+
+def voxel_cap(mcfg: ModelConfig, training: bool) -> int:
+    """Pillars kept per view: `max_voxels` in training, `max_voxels_test` (default the same) otherwise."""
+    return mcfg.max_voxels if training or mcfg.max_voxels_test is None else mcfg.max_voxels_test
+
+
+def lift_to_ego_datum(points: np.ndarray, T_ego_from_agent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Shift points by the agent's height above the ego; return them and the matching transform."""
+    dz = float(T_ego_from_agent[2, 3])
+    lifted = points.copy()
+    lifted[:, 2] += dz
+    T = T_ego_from_agent.copy()
+    T[2, 3] = 0.0
+    return lifted, T
+
+
+def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np.ndarray, rng: np.random.Generator
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Apply A = R(theta) * s * F (F an optional y mirror) to the whole scene in the ego frame, keeping
+    every agent's transform rigid: points_k <- s F points_k, T_k <- R (F T_k F, translation * s); the
+    ego's rotation is folded into its own points so its transform stays the identity."""
+    theta = rng.uniform(-np.pi / 4, np.pi / 4)
+    s = rng.uniform(0.95, 1.05)
+    mirror = rng.random() < 0.5
+    F = np.diag([1.0, -1.0 if mirror else 1.0, 1.0, 1.0])
+    R = np.eye(4)
+    R[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
+    new_points, new_transforms = [], []
+    for k, (p, T) in enumerate(zip(points, transforms)):
+        q = p.copy()
+        q[:, :3] = (q[:, :3] @ F[:3, :3].T) * s
+        T_f = F @ T @ F
+        T_f[:3, 3] *= s
+        T_new = R @ T_f
+        if k == 0:
+            q = transform_points(T_new, q).astype(np.float32)
+            T_new = np.eye(4)
+        new_points.append(q)
+        new_transforms.append(T_new)
+    boxes = gt.copy()
+    A = R[:3, :3] @ F[:3, :3] * s
+    boxes[:, :3] = gt[:, :3] @ A.T
+    boxes[:, 3:6] = gt[:, 3:6] * s
+    yaw = -gt[:, 6] if mirror else gt[:, 6]
+    boxes[:, 6] = np.arctan2(np.sin(yaw + theta), np.cos(yaw + theta))
+    return new_points, new_transforms, boxes
+
+
+def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
+                   targets: TargetFn | None = None, rng: np.random.Generator | None = None,
+                   training: bool = False, pillar_rng: np.random.Generator | None = None) -> PreparedSample:
+    """Voxelize the views `mode` asks for and (with `targets`) assign training targets to the ground truth.
+
+    With `rng`, training augmentation is applied to the whole cooperative scene in the ego frame:
+    a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05].
+    Views with more pillars than the cap (`voxel_cap`) keep a random subset, drawn from `pillar_rng` or,
+    without it, from a generator seeded by the frame (the same pillars on every evaluation)."""
+    frame_key = f"{sample.scenario}/{sample.frame}"
+    cap = voxel_cap(mcfg, training)
+    draw = pillar_rng if pillar_rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
+
+    def _voxelize(points: np.ndarray, dcfg: DatasetConfig, mcfg: ModelConfig) -> Voxels:
+        return voxelize(points, dcfg.point_cloud_range, mcfg.voxel_size, mcfg.max_points_per_voxel, cap, draw)
+
+    ego_time = sample.ego.capture_time
+    transforms = [sample.T_ego_from_agent(k) for k in range(len(sample.agents))]
+    points = [agent.points for agent in sample.agents]
+    gt = sample.gt_boxes
+    if rng is not None:
+        points, transforms, gt = augment_scene(points, transforms, gt, rng)
+    views: list[AgentInput] = []
+    sent_points = []
+    if mode == "merged":
+        sent_points = [(_agent_id(a.agent_id), a.capture_time, T, p)
+                       for a, T, p in zip(sample.agents[1:], transforms[1:], points[1:])]
+        merged = np.concatenate([transform_points(T, p) for T, p in zip(transforms, points)])
+        views.append(AgentInput(_voxelize(merged, dcfg, mcfg), np.eye(4), 0, 0.0, _agent_id(sample.ego.agent_id),
+                                ego_time, sample.ego.T_world_from_agent, sample.ego.T_world_from_agent))
+    elif mode == "projected":
+        for k, agent in enumerate(sample.agents):
+            projected = transform_points(transforms[k], points[k]).astype(np.float32) if k else points[k]
+            views.append(AgentInput(_voxelize(projected, dcfg, mcfg), np.eye(4), int(agent.kind == "rsu"),
+                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
+                                    agent.T_world_from_agent, sample.ego.T_world_from_agent))
+    else:
+        chosen = range(1) if mode == "ego" else range(len(sample.agents))
+        for k in chosen:
+            agent = sample.agents[k]
+            lifted, T = lift_to_ego_datum(points[k], transforms[k])
+            views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
+                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
+                                    agent.T_world_from_agent, agent.T_world_from_agent))
+    return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
+
+
+def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:
+    voxels, nums, coords, transforms, ages, kinds, record_len = [], [], [], [], [], [], []
+    slot = 0
+    for prepared in batch:
+        record_len.append(len(prepared.agents))
+        for view in prepared.agents:
+            v = view.voxels
+            voxels.append(torch.from_numpy(v.voxels))
+            nums.append(torch.from_numpy(v.num_points))
+            c = torch.from_numpy(v.coords.astype(np.int64))
+            coords.append(torch.cat([torch.full((len(c), 1), slot, dtype=torch.int64), c], dim=1))
+            transforms.append(torch.from_numpy(view.T_ego_from_frame.astype(np.float32)))
+            ages.append(view.age)
+            kinds.append(view.kind)
+            slot += 1
+    agent_batch = AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
+                             torch.tensor(kinds, dtype=torch.int64),
+                             lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)))
+    targets = None
+    if all(p.targets is not None for p in batch):
+        targets = TargetBatch(torch.from_numpy(np.stack([p.targets.labels for p in batch])),
+                              torch.from_numpy(np.stack([p.targets.residuals for p in batch])),
+                              torch.from_numpy(np.stack([p.targets.direction for p in batch])))
+    return agent_batch, targets, list(batch)

@@ -1,0 +1,1 @@
+"""Evaluation: AP (global-sort protocol), communication volume, latency."""

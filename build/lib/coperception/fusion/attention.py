@@ -1,0 +1,57 @@
+"""Attention fusion: per cell, the ego's feature attends over every agent's feature at that cell.
+
+Scaled dot-product attention with `heads` heads; the query is a projection of the ego's feature, the
+keys projections of each agent's feature plus a learned embedding of its kind (vehicle, roadside
+unit) and of its message age. The values are the agents' features themselves, so a cell that only
+the ego covers keeps the ego's feature exactly (nothing else arrived there to attend to).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from coperception.fusion.base import Fusion, FusionMeta, register_fusion
+
+AGENT_KINDS = 2  # 0 vehicle, 1 rsu
+
+
+@register_fusion("attention")
+class AttentionFusion(Fusion):
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        heads: int = Field(4, ge=1)  # must divide the feature channels
+        key_channels: int = Field(32, ge=1)  # per head
+        max_age_s: float = Field(0.5, gt=0)  # ages are scaled by this before their embedding
+
+    def __init__(self, channels: int, settings: BaseModel | None = None):
+        super().__init__(channels, settings)
+        s = self.settings
+        if channels % s.heads:
+            raise ValueError(f"attention fusion: heads {s.heads} must divide the {channels} feature channels")
+        self.heads, self.dk, self.max_age = s.heads, s.key_channels, s.max_age_s
+        self.query = nn.Conv2d(channels, s.heads * s.key_channels, 1)
+        self.key = nn.Conv2d(channels, s.heads * s.key_channels, 1)
+        self.kind_embedding = nn.Embedding(AGENT_KINDS, s.heads * s.key_channels)
+        self.age_embedding = nn.Linear(1, s.heads * s.key_channels)
+
+    def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
+        B, L, C, H, W = features.shape
+        hk = self.heads * self.dk
+        mask = valid & torch.isfinite(features).all(dim=2)  # a cell with a non-finite value did not usefully arrive
+        mask[:, 0] = True  # the ego always attends to itself: the fallback where nothing else arrived
+        features = features.masked_fill(~mask[:, :, None], 0.0)
+        q = self.query(features[:, 0]).view(B, self.heads, self.dk, H, W)
+        k = self.key(features.flatten(0, 1)).view(B, L, hk, H, W)
+        kind = meta.kind.to(features.device).clamp(0, AGENT_KINDS - 1)
+        age = (meta.age.to(features.device, features.dtype) / self.max_age)[..., None]
+        k = k + (self.kind_embedding(kind) + self.age_embedding(age))[..., None, None]
+        k = k.view(B, L, self.heads, self.dk, H, W)
+        scores = (q[:, None] * k).sum(dim=3) / math.sqrt(self.dk)  # (B, L, heads, H, W)
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        weights = torch.softmax(scores, dim=1)  # over agents
+        v = features.view(B, L, self.heads, C // self.heads, H, W)
+        return (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)

@@ -1,0 +1,1 @@
+"""Detection models: pillar encoder -> BEV backbone -> (fusion) -> anchor head."""

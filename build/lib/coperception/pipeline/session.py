@@ -1,0 +1,223 @@
+"""Delivering intermediate-cooperation messages at evaluation: select -> code -> wire packets ->
+channel -> decode, frame after frame.
+
+A `CommSession` runs over the frames of a split in order. At every frame each sender encodes its
+selected cells into packets and pushes them through its link; the ego then receives, per sender,
+the newest message whose delivered packets have all arrived by its capture time plus the fusion
+deadline (an older frame under delay), rebuilt from the bytes that arrived, with the pose the
+message carries. The session only delivers: the ego side that fuses is the one training uses.
+Byte counts are the lengths of the packets the ego received. Dense maps are not pushed through the
+channel (they would not fit it); they are delivered whole, counted at their serialized size.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from coperception.comm.channel import Channel, Transmission, newest_arrived
+from coperception.comm.codecs import CellCodec, DenseCodec
+from coperception.comm.keys import load_keys
+from coperception.comm.kinds import MalformedMessage, MessageKind
+from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
+from coperception.config import CommConfig
+from coperception.errors import ConfigError
+from coperception.datasets.collate import PreparedSample
+from coperception.datasets.voxelize import pillar_points
+from coperception.geometry import invert
+from coperception.pipeline.agent import AgentSide
+from coperception.pipeline.attacks import GhostAttack
+from coperception.pipeline.consistency import check_message, free_space
+from coperception.pipeline.ego import Delivery
+
+
+@dataclass
+class FrameComm:
+    """What one frame's communication cost and delivered."""
+
+    delivered_bytes: dict[int, int]  # per sender, bytes of this frame's packets that arrived
+    request_bytes: int  # the ego's information-filling request (0 without filling)
+    fused_ages: dict[int, float]  # per sender whose message was delivered: ego time - capture time
+    rejected: dict[str, int] = field(default_factory=dict)  # messages the ego refused, by reason
+
+
+@dataclass
+class CommSession:
+    agent: AgentSide  # the model's selection and codec
+    confidence: Callable[[torch.Tensor], torch.Tensor]  # (n, C, H, W) features -> (n, H, W) confidence maps
+    cfg: CommConfig  # channel, keys and freshness
+    queues: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
+    sequence: int = 0
+    # per (scenario, sender): the transmission whose message the ego holds, decoded once
+    held: dict[tuple[str, int], tuple[Transmission, Message]] = field(default_factory=dict)
+    last_sequence: dict[tuple[str, int], int] = field(default_factory=dict)  # newest accepted, per sender
+    attack: GhostAttack | None = None  # a malicious sender, for `bench attack`
+
+    def __post_init__(self) -> None:
+        self.codec = self.agent.codec
+        self.channel = Channel(self.cfg.channel, np.random.default_rng(self.cfg.channel.seed))
+        self.grid = self.agent.grid
+        self.codebook_hash = self.codec.digest()
+        self.keys = load_keys(self.cfg.key_file) if self.cfg.key_file else None
+        self.expected = None
+        if isinstance(self.codec, CellCodec):
+            self.expected = self.codec.expected(self.grid)
+            self._check_mtu(self.codec)
+
+    def _check_mtu(self, codec: CellCodec) -> None:
+        """One cell of this codec must fit a packet (else the first message would fail mid-evaluation)."""
+        one = codec.payload(torch.zeros(1, codec.channels))
+        probe = Message(sender=0, sequence=0, capture_time=0.0, pose=np.eye(4), grid=self.grid, cells=np.zeros(1, np.int64),
+                        **one)
+        try:
+            encode_message(probe, self.cfg.channel.mtu, b"\0" * 32 if self.keys is not None else None)
+        except ValueError as exc:
+            raise ConfigError(f"comm.channel.mtu {self.cfg.channel.mtu}: {exc}") from None
+
+    def _key(self, sender: int) -> bytes | None:
+        """The sender's signing key (None: it has none and sends unsigned, which a keyed ego refuses)."""
+        return self.keys.get(sender) if self.keys is not None else None
+
+    def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float) -> Message:
+        """The message of `tx`, verified and validated; with keys also signed, fresh and newer than the
+        last one accepted from its sender. Raises `MalformedMessage` (or a subclass) otherwise."""
+        held = self.held.get(where)
+        if held is not None and held[0] is tx:
+            return held[1]  # still the newest that arrived: the ego keeps what it already holds
+        msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys, require_auth=self.keys is not None,
+                             expected=self.expected)
+        if self.keys is not None:
+            last = self.last_sequence.get(where)
+            if last is not None and msg.sequence <= last:
+                raise ReplayedMessage(f"sender {msg.sender}: sequence {msg.sequence} after {last}")
+            slack = self.cfg.channel.fusion_deadline_ms / 1e3
+            if not ego_time - self.cfg.freshness_ms / 1e3 <= msg.capture_time <= ego_time + slack:
+                raise StaleMessage(f"sender {msg.sender}: captured at {msg.capture_time:.3f} s, the ego is at "
+                                   f"{ego_time:.3f} s")
+            self.last_sequence[where] = msg.sequence
+        self.held[where] = (tx, msg)
+        return msg
+
+    def _request(self, ego_conf: torch.Tensor, ego: int, ego_time: float, pose: np.ndarray
+                 ) -> tuple[torch.Tensor | None, int]:
+        """The ego's information-filling request as the senders receive it (rebuilt from its packets, so
+        nothing but its bits reaches them) and its bytes. The request is not delayed by the channel."""
+        request = self.agent.request(ego_conf)
+        if request is None:  # no filling, or an empty request, which is not sent
+            return None, 0
+        msg = Message(MessageKind.REQUEST, ego, self.sequence, ego_time, pose, self.grid,
+                      torch.nonzero(request.flatten(), as_tuple=True)[0].cpu().numpy())
+        packets = encode_message(msg, self.cfg.channel.mtu, self._key(ego))
+        received = decode_packets(packets, keys=self.keys, require_auth=self.keys is not None,
+                                  expected=Expected(self.grid, (MessageKind.REQUEST,)))
+        bits = torch.zeros(self.grid.cells, dtype=torch.bool, device=ego_conf.device)
+        bits[torch.from_numpy(received.cells).to(ego_conf.device)] = True
+        return bits.view(self.grid.height, self.grid.width), sum(len(p) for p in packets)
+
+    def _message(self, codec: CellCodec, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float,
+                 pose: np.ndarray) -> Message:
+        cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
+        vectors = feats.flatten(1)[:, cells].T.contiguous()  # (N, C)
+        self.sequence += 1
+        extra = {"codebook_hash": self.codebook_hash} if self.codebook_hash is not None else {}
+        return Message(sender=sender, sequence=self.sequence, capture_time=capture_time, pose=pose, grid=self.grid,
+                       cells=cells.cpu().numpy(), **codec.payload(vectors), **extra)
+
+    def _rebuild(self, codec: CellCodec, msg: Message, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded message -> (C, H, W) features (zeros where nothing arrived) and (H, W) arrived mask."""
+        C, H, W = like.shape
+        flat = like.new_zeros(C, H * W)
+        arrived = torch.zeros(H * W, dtype=torch.bool, device=like.device)
+        cells = torch.from_numpy(msg.cells).to(like.device)
+        if len(cells):
+            flat[:, cells] = codec.vectors(msg).to(like.device, like.dtype).T
+            arrived[cells] = True
+        return flat.view(C, H, W), arrived.view(H, W)
+
+    def _whole(self, codec: DenseCodec, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, "FrameComm"]:
+        """Dense maps: every view delivered at once, counted at its serialized size."""
+        views = sample.agents
+        sent = {v.sender: codec.dense_bytes(feats[k], v.sender, v.capture_time, v.T_ego_from_frame)
+                for k, v in enumerate(views) if k > 0}
+        T = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views]).astype(np.float32)).to(feats.device)
+        age = torch.tensor([v.age for v in views], dtype=torch.float32, device=feats.device)
+        kind = torch.tensor([v.kind for v in views], dtype=torch.int64, device=feats.device)
+        return Delivery(feats, None, [len(views)], T, age, kind), FrameComm(sent, 0, {v.sender: v.age for v in views[1:]})
+
+    @torch.no_grad()
+    def deliver(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, FrameComm]:
+        """feats (n, C, H, W): this sample's views (ego first), each in its own frame -> what the ego holds."""
+        codec = self.codec
+        if isinstance(codec, DenseCodec):
+            return self._whole(codec, feats, sample)
+        assert isinstance(codec, CellCodec)
+        scenario = sample.frame_key.split("/")[0]
+        views = sample.agents
+        ego_time = views[0].capture_time
+        conf = self.confidence(feats)
+        T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)).to(feats.device) \
+            if len(views) > 1 else torch.zeros(0, 4, 4, device=feats.device)
+        request, request_bytes = self._request(conf[0], views[0].sender, ego_time, views[0].T_world_from_agent)
+        masks = self.agent.select(request, conf[1:], T_now)
+        delivered = {}
+        for k, view in enumerate(views[1:]):
+            # the pose of the frame the features are in, as the sender's (noisy) localisation places it
+            true_pose = view.T_world_from_agent
+            reported_pose = self.channel.noisy_pose(true_pose) @ invert(true_pose) @ view.T_world_from_frame
+            sent, mask = feats[k + 1], masks[k]
+            if self.attack is not None and self.attack.attacks(k + 1):
+                ego_x, ego_y = (float(v) for v in invert(view.T_ego_from_frame)[:2, 3])
+                sent, mask = self.attack(sent, conf[k + 1], mask, self.grid, (ego_x, ego_y))
+            msg = self._message(codec, sent, mask, view.sender, view.capture_time, reported_pose)
+            packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
+            tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
+            self.queues.setdefault((scenario, view.sender), []).append(tx)
+            delivered[view.sender] = tx.delivered_bytes
+        # the ego's own features plus the newest arrived message of each current sender
+        T_world_from_ego = views[0].T_world_from_agent
+        chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
+        transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
+        fused_ages: dict[int, float] = {}
+        rejected: Counter[str] = Counter()
+        checks = self.cfg.consistency
+        ego_free = free_space(pillar_points(views[0].voxels), self.grid, checks.ground_z) if checks.enabled else None
+        for view in views[1:]:
+            queue = self.queues.get((scenario, view.sender), [])
+            tx = newest_arrived(queue, ego_time + self.cfg.channel.fusion_deadline_ms / 1e3)
+            if tx is None:
+                continue
+            self.queues[(scenario, view.sender)] = [t for t in queue if t.capture_time >= tx.capture_time]
+            max_age = self.cfg.channel.max_message_age_ms
+            if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
+                continue  # too old to help: the ego detects without this sender
+            try:
+                msg = self._receive(tx, (scenario, view.sender), ego_time)
+            except MalformedMessage as exc:  # this sender's message is dropped; the ego goes on with the rest
+                rejected[type(exc).__name__] += 1
+                self.queues[(scenario, view.sender)].remove(tx)
+                continue
+            f, arrived = self._rebuild(codec, msg, feats[0])
+            T_ego_from_sender = invert(T_world_from_ego) @ msg.pose
+            if ego_free is not None:
+                T_bev = torch.from_numpy(T_ego_from_sender.astype(np.float32))
+                T_bev[2, 3] = 0.0
+                verdict = check_message(checks, f, arrived, T_bev, feats[0], conf[0], ego_free, self.confidence, self.grid)
+                if not verdict.consistent:  # contradicts what the ego itself observed: dropped for this frame
+                    rejected["InconsistentMessage"] += 1
+                    continue
+            chosen_feats.append(f)
+            chosen_arrived.append(arrived)
+            transforms.append(T_ego_from_sender)
+            ages.append(ego_time - msg.capture_time)
+            kinds.append(view.kind)
+            fused_ages[view.sender] = ego_time - msg.capture_time
+        T = torch.from_numpy(np.stack(transforms).astype(np.float32)).to(feats.device)
+        T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
+        delivery = Delivery(torch.stack(chosen_feats), torch.stack(chosen_arrived), [len(chosen_feats)], T,
+                            torch.tensor(ages, dtype=torch.float32, device=feats.device),
+                            torch.tensor(kinds, dtype=torch.int64, device=feats.device))
+        return delivery, FrameComm(delivered, request_bytes, fused_ages, rejected)

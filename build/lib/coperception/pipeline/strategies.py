@@ -1,0 +1,174 @@
+"""Cooperation strategies: which views each agent encodes, what it sends and how the ego detects.
+
+- `none`: the ego's own points only; nothing is sent.
+- `early`: every agent's raw points, merged in the ego frame (measured as serialized points).
+- `late`: every agent detects alone and sends its boxes; the ego merges them by NMS.
+- `intermediate`: BEV features selected and coded by the agent side, delivered (by the comm session
+  at evaluation) and fused by the ego side.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from coperception.comm.payload import serialize_boxes, serialize_points
+from coperception.datasets.collate import InputMode, PreparedSample
+from coperception.geometry import transform_boxes
+from coperception.models.heads import HeadOutput
+from coperception.models.postprocess import Detections, decode_detections, rotated_nms
+from coperception.pipeline.agent import AgentSide, drop_messages
+from coperception.pipeline.ego import Delivery
+from coperception.registry import Registry
+from coperception.types import AgentBatch
+
+if TYPE_CHECKING:
+    from coperception.pipeline.session import CommSession
+
+
+class CooperativeParts(Protocol):
+    """What a strategy runs on (`pipeline.model.CooperativeModel` provides it)."""
+
+    training: bool
+    anchors: torch.Tensor
+    agent: AgentSide | None
+    message_dropout: float
+    ego_loss: bool
+
+    def head(self, features: torch.Tensor) -> HeadOutput: ...
+
+    def encode(self, batch: AgentBatch) -> torch.Tensor: ...
+
+    def confidence(self, feats: torch.Tensor) -> torch.Tensor: ...
+
+    def receive(self, delivery: Delivery) -> HeadOutput: ...
+
+
+@dataclass
+class TrainOutput:
+    """The training forward: the head on what the ego detects from, plus training-only terms."""
+
+    head: HeadOutput
+    aux_loss: torch.Tensor | None = None  # e.g. the codebook commitment loss of the messages
+    ego_alone: HeadOutput | None = None  # with `train.ego_loss_weight`: the head on the ego's own features
+
+
+@dataclass
+class StrategyOutput:
+    detections: list[Detections]  # per sample, ego frame
+    message_bytes: list[list[int]]  # per sample, per sending agent (ego excluded)
+    request_bytes: list[int] | None = None  # per sample, the ego's broadcast (information filling)
+    fused_ages: list[list[float]] | None = None  # per sample, age of each fused message (s)
+    rejected: dict[str, int] | None = None  # messages the ego refused on arrival, by reason (whole batch)
+
+
+class Strategy:
+    name: ClassVar[str]
+    train_mode: ClassVar[InputMode]
+    infer_mode: ClassVar[InputMode]
+    sends_features: ClassVar[bool] = False  # intermediate: has an agent side and an ego side
+
+    def input_mode(self, training: bool, project_first: bool) -> InputMode:
+        return self.train_mode if training else self.infer_mode
+
+    def forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
+        """The model's forward pass under this strategy (what training optimises): here, detect from
+        each sample's first view (the ego's, or the merged cloud)."""
+        feats = model.encode(batch)
+        return TrainOutput(model.head(feats[batch.ego_index.to(feats.device)]))
+
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+               nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
+        """Inference on a collated batch: detections per sample in the ego frame and the measured bytes
+        each sender sent (`session`: what delivers intermediate messages)."""
+        out = self.forward(model, batch).head
+        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold),
+                              [self.sent_bytes(p) for p in prepared])
+
+    def sent_bytes(self, sample: PreparedSample) -> list[int]:
+        """Serialized size of what each non-ego agent sends for `sample` (nothing by default)."""
+        return []
+
+
+STRATEGIES: Registry[type[Strategy]] = Registry("cooperation.strategy")
+
+
+@STRATEGIES.register("none")
+class NoCooperation(Strategy):
+    name, train_mode, infer_mode = "none", "ego", "ego"
+
+
+@STRATEGIES.register("early")
+class EarlyFusion(Strategy):
+    name, train_mode, infer_mode = "early", "merged", "merged"
+
+    def sent_bytes(self, sample: PreparedSample) -> list[int]:
+        return [len(serialize_points(points, sender, t, T)) for (sender, t, T, points) in sample.sent_points]
+
+
+@STRATEGIES.register("late")
+class LateFusion(Strategy):
+    """Trains as `none`; at inference every agent's boxes, sent in its own frame with its pose."""
+
+    name, train_mode, infer_mode = "late", "ego", "all"
+
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+               nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
+        per_view = decode_detections(model.head(model.encode(batch)), model.anchors, score_threshold, nms_threshold)
+        detections, sizes = [], []
+        starts = np.cumsum([0] + batch.record_len[:-1])
+        for p, start in zip(prepared, starts):
+            boxes, scores, sent = [], [], []
+            for k, view in enumerate(p.agents):
+                d = per_view[start + k]
+                boxes.append(transform_boxes(view.T_ego_from_frame, d.boxes) if len(d.boxes) else d.boxes.reshape(0, 7))
+                scores.append(d.scores)
+                if k > 0:
+                    sent.append(len(serialize_boxes(d.boxes, d.scores, view.sender, view.capture_time, view.T_ego_from_frame)))
+            all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
+            keep = rotated_nms(all_boxes, all_scores, nms_threshold)
+            detections.append(Detections(all_boxes[keep], all_scores[keep], np.zeros(len(keep), dtype=np.int64)))
+            sizes.append(sent)
+        return StrategyOutput(detections, sizes)
+
+
+@STRATEGIES.register("intermediate")
+class IntermediateFusion(Strategy):
+    """BEV features: agent side (select + code) -> delivery -> ego side (warp + fuse) -> head."""
+
+    name, train_mode, infer_mode = "intermediate", "all", "all"
+    sends_features = True
+
+    def input_mode(self, training: bool, project_first: bool) -> InputMode:
+        return "projected" if project_first else "all"
+
+    def forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
+        """Training: messages reach the ego directly (optionally dropped), through the same ego side."""
+        assert model.agent is not None
+        feats = model.encode(batch)
+        kept = drop_messages(batch, model.message_dropout, feats) if model.training and model.message_dropout > 0 else None
+        alone = model.head(feats[batch.ego_index.to(feats.device)]) if model.training and model.ego_loss else None
+        delivery, aux = model.agent.training_delivery(feats, batch, kept, model.confidence)
+        return TrainOutput(model.receive(delivery), aux, alone)
+
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+               nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
+        if session is None:
+            raise ValueError("intermediate cooperation delivers its messages through a CommSession")
+        feats = model.encode(batch)
+        deliveries, sizes, requests, ages = [], [], [], []
+        rejected: Counter[str] = Counter()
+        for p, views in zip(prepared, feats.split(batch.record_len)):
+            delivery, stats = session.deliver(views, p)
+            deliveries.append(delivery)
+            sizes.append(list(stats.delivered_bytes.values()))
+            requests.append(stats.request_bytes)
+            ages.append(list(stats.fused_ages.values()))
+            rejected.update(stats.rejected)
+        out = model.receive(Delivery.cat(deliveries))
+        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages,
+                              rejected)
