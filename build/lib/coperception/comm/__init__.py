@@ -1,1 +1,0 @@
-"""Communication: what goes over the air, measured in bytes."""

@@ -1,1 +1,0 @@
-"""Evaluation: AP (global-sort protocol), communication volume, latency."""

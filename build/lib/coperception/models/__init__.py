@@ -1,1 +1,0 @@
-"""Detection models: pillar encoder -> BEV backbone -> (fusion) -> anchor head."""
