@@ -76,14 +76,22 @@ def finetune(cfg: ExperimentConfig, method: str, start: str | Path, out_dir: Pat
 
 
 def _eval(checkpoint: Path, cfg: ExperimentConfig, split: str, data: CooperativeDataset, log: Callable[[str], None],
-          label: str) -> dict[str, Any]:
+          label: str, attack: GhostAttack | None = None) -> dict[str, Any]:
     """Evaluate `checkpoint` as `cfg` describes (its selection, codec and channel settings)."""
     t0 = time.perf_counter()
-    entry = evaluate_method(load_model(checkpoint, cfg), cfg, split, progress=False, dataset=data)
+    entry = evaluate_method(load_model(checkpoint, cfg), cfg, split, progress=False, dataset=data, attack=attack)
     entry.pop("frames", None)
+    refused = dict(entry.get("rejected_messages") or {})
     log(f"{label:<40} AP@0.5 {entry['ap']['0.5']:.3f}  bytes/agent/frame {entry['bytes_per_agent_frame']:>12.0f}  "
-        f"({time.perf_counter() - t0:.0f} s)")
+        + (f"refused {refused}  " if refused else "") + f"({time.perf_counter() - t0:.0f} s)")
     return entry
+
+
+def with_trained_fusion(cfg: ExperimentConfig, checkpoint: Path) -> ExperimentConfig:
+    """`cfg` with the fusion `checkpoint` was trained with (as its stored config says), if it says."""
+    stored = load_checkpoint(checkpoint).get("config")
+    fusion = stored.get("fusion") if isinstance(stored, dict) else None
+    return cfg.model_copy(update={"fusion": FusionConfig.model_validate(fusion)}) if isinstance(fusion, dict) else cfg
 
 
 def bench_comm(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path, thresholds: Sequence[float],
@@ -248,25 +256,16 @@ def bench_attack(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path,
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     rows: dict[str, dict[str, Any]] = {}
     for name, checkpoint in checkpoints.items():
-        stored = load_checkpoint(checkpoint).get("config", {})
-        fusion = stored.get("fusion", {}) if isinstance(stored, dict) else {}
+        trained = with_trained_fusion(cfg.variant(strategy="intermediate"), checkpoint)
         rows[name] = {}
         for attacked in (False, True):
             for checked in (False, True):
-                run = cfg.variant(strategy="intermediate", consistency={"enabled": checked})
-                if fusion:  # the fusion the checkpoint was trained with
-                    run = run.model_copy(update={"fusion": FusionConfig.model_validate(fusion)})
-                label = f"{name} {'attacked' if attacked else 'honest'} {'checked' if checked else 'unchecked'}"
-                t0 = time.perf_counter()
-                entry = evaluate_method(load_model(checkpoint, run), run, split, progress=False, dataset=data,
-                                        attack=GhostAttack(ghosts=ghosts) if attacked else None)
-                entry.pop("frames", None)
-                log(f"{label:<36} AP@0.5 {entry['ap']['0.5']:.3f}  refused {dict(entry.get('rejected_messages', {}))}  "
-                    f"({time.perf_counter() - t0:.0f} s)")
-                rows[name][f"{'attacked' if attacked else 'honest'}_{'checked' if checked else 'unchecked'}"] = entry
-    rep = {"protocol": report({}, "", split)["protocol"], "dataset": f"{cfg.dataset.format}:{cfg.dataset.root}",
-           "split": split, "frames": len(data), "attack": {"kind": "ghosts", "ghosts_per_message": ghosts,
-                                                           "sender": "the first sender of every frame"},
-           "consistency": cfg.comm.consistency.model_dump(mode="json") | {"enabled": "per row"}, "methods": rows}
+                key = f"{'attacked' if attacked else 'honest'}_{'checked' if checked else 'unchecked'}"
+                rows[name][key] = _eval(checkpoint, trained.variant(consistency={"enabled": checked}), split, data, log,
+                                        f"{name} {key}", GhostAttack(ghosts=ghosts) if attacked else None)
+    rep = report({}, f"{cfg.dataset.format}:{cfg.dataset.root}", split)
+    rep.update(frames=len(data), methods=rows,
+               attack={"kind": "ghosts", "ghosts_per_message": ghosts, "sender": "the first sender of every frame"},
+               consistency=cfg.comm.consistency.model_dump(mode="json") | {"enabled": "per row"})
     write_json(out / "attack.json", rep)
     return rep

@@ -11,6 +11,9 @@ from coperception.errors import CoperceptionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Cooperative V2X perception with measured, compressed message passing.")
+# one `--device` for every command that runs a model: it sets train.device, which evaluation uses too
+DEVICE_OPTION = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N; sets "
+                             "train.device, which evaluation uses too.")
 
 
 def _fail(exc: CoperceptionError) -> None:
@@ -75,8 +78,7 @@ def inspect(
 @app.command()
 def train(
     config: Path = typer.Option(..., "--config", help="Experiment YAML."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
-                                         "cuda:N; sets train.device, which evaluation uses too."),
+    device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. train.epochs=5."),
     resume: bool = typer.Option(False, "--resume", help="Continue from <train.out_dir>/last.pt at its saved step."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in a non-empty train.out_dir."),
@@ -111,8 +113,7 @@ def evaluate(
                                            "trained for); e.g. `late` with an ego-only checkpoint."),
     out: Optional[Path] = typer.Option(None, help="JSON report path (default: next to the checkpoint)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N frames."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
-                                         "cuda:N; sets train.device, which evaluation uses too."),
+    device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """Evaluate a checkpoint: AP (global sort and OpenCOOD per-frame sort), measured bytes, ms per stage."""
@@ -178,8 +179,7 @@ def bench_comm_command(
                                   "(one fine-tuned model each)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every benchmarked model "
                                          "(default: train.epochs of --config)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
-                                         "cuda:N; sets train.device, which evaluation uses too."),
+    device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """AP@0.5 vs measured bytes: baselines, Where2comm-style fp32 messages and codebook messages."""
@@ -205,8 +205,7 @@ def bench_attack_command(
                                 "codec, selection, channel, consistency thresholds)."),
     ghosts: int = typer.Option(30, help="Fabricated cells per message of the lying sender."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
-                                         "cuda:N; sets train.device, which evaluation uses too."),
+    device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option(["comm.codec=sparse"], "--set", help="Override a config value (default: "
                                         "comm.codec=sparse, messages through the wire format)."),
 ) -> None:
@@ -234,22 +233,20 @@ def bench_robustness_command(
     ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/last.pt"), help="Ego-only checkpoint "
                                                   "for the reference line (default: the one `bench comm` fine-tunes)."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
-                                         "cuda:N; sets train.device, which evaluation uses too."),
+    device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
 ) -> None:
     """AP@0.5 of codebook messages under packet loss, delay and pose noise."""
     from coperception.checkpoint import load_checkpoint
-    from coperception.config import CodebookSettings, FusionConfig, load_config
-    from coperception.bench import bench_robustness
+    from coperception.config import CodebookSettings, load_config
+    from coperception.bench import bench_robustness, with_trained_fusion
 
     try:
         cfg = load_config(config, _with_device(overrides, device))
         stored = load_checkpoint(checkpoint).get("config") or {}
         if isinstance(stored.get("comm"), dict) and "codebook" in stored["comm"]:
             cfg.comm.codebook = CodebookSettings.model_validate(stored["comm"]["codebook"])  # the trained codebook's shape
-        if isinstance(stored.get("fusion"), dict):
-            cfg.fusion = FusionConfig.model_validate(stored["fusion"])  # and the fusion it was trained with
+        cfg = with_trained_fusion(cfg, checkpoint)  # and the fusion it was trained with
         ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
         bench_robustness(cfg, checkpoint, ego, out, log=typer.echo)
     except CoperceptionError as exc:
@@ -261,8 +258,7 @@ def demo(
     config: Path = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML."),
     out: Path = typer.Option(Path("outputs/demo"), help="Where checkpoints, the report and the picture go."),
     workers: int = typer.Option(2, help="Simulation worker processes."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present, else CPU), cpu, cuda or "
-                                         "cuda:N; sets train.device, which evaluation uses too."),
+    device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. demo.ego_epochs=2."),
 ) -> None:
     """The main job on the synthetic world: simulate (if absent) -> train -> evaluate every baseline -> table,

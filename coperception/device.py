@@ -14,12 +14,15 @@ from coperception.errors import ConfigError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _this_process_cuda() -> torch.device:
+    """The CUDA device of this process: under torchrun the one of its LOCAL_RANK."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto`: this process's CUDA device when there is one (under torchrun the one of LOCAL_RANK), else the CPU."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
+        return _this_process_cuda() if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -30,7 +33,7 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ConfigError(f"train.device: '{name}' does not exist ({torch.cuda.device_count()} CUDA devices)")
         if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+            device = _this_process_cuda()
     elif device.type != "cpu":
         raise ConfigError(f"train.device: '{name}': only cpu and cuda devices are supported")
     return device

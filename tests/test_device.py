@@ -17,16 +17,15 @@ from coperception.errors import ConfigError
 from coperception.models.losses import LossWeights
 from coperception.pipeline.model import build_model
 from coperception.train import train, training_losses
+from test_train import TINY
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-TINY = ["dataset.point_cloud_range=[-51.2,-25.6,-3.0,51.2,25.6,1.0]", "dataset.eval_range=[-51.2,-25.6,-3.0,51.2,25.6,1.0]",
-        "model.voxel_size=[0.8,0.8,4.0]", "model.pfn_channels=16", "model.layers=[1,1]", "model.strides=[2,2]",
-        "model.filters=[16,32]", "model.upsample_filters=[16,16]", "train.batch_size=2", "train.num_workers=0",
-        "train.validate_each_epoch=false", "dataset.train_split=test", "dataset.val_split=test", "dataset.eval_split=test"]
 
 
 def _config(opv2v_set, *extra):
-    return load_config(None, [f"dataset.root={opv2v_set.root}", *TINY, *extra])
+    # the tests' tiny model, two samples a batch, the small simulated set's one split for everything
+    return load_config(None, [f"dataset.root={opv2v_set.root}", *TINY, "train.batch_size=2", "dataset.train_split=test",
+                              "dataset.val_split=test", "dataset.eval_split=test", *extra])
 
 
 def _step_losses(cfg, device: str, precision: str = "fp32") -> tuple[dict[str, float], float]:

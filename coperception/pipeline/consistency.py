@@ -46,8 +46,8 @@ def free_space(points: np.ndarray, grid: BEVGrid, ground_z: float) -> torch.Tens
     if ground.any():
         rows, cols, inside = _cells(points[ground, :2], grid)
         ends = np.unique(rows[inside] * grid.width + cols[inside])
-        end_xy = np.column_stack([grid.x_min + (ends % grid.width + 0.5) * grid.cell,
-                                  grid.y_min + (ends // grid.width + 0.5) * grid.cell])
+        x, y = grid.centres()
+        end_xy = np.column_stack([x.ravel()[ends], y.ravel()[ends]])
         steps = int(np.ceil(np.hypot(end_xy[:, 0], end_xy[:, 1]).max() / (grid.cell / 2))) + 1
         t = np.linspace(0.0, 1.0, steps)
         samples = (t[None, :, None] * end_xy[:, None, :]).reshape(-1, 2)
