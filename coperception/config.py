@@ -178,6 +178,9 @@ class ChannelConfig(Strict):
     jitter_ms: float = Field(0.0, ge=0)  # |N(0, sigma)| added per packet
     processing_ms: float = Field(0.0, ge=0)  # encode time before the first packet leaves
     fusion_deadline_ms: float = Field(50.0, ge=0)  # the ego fuses what has arrived this long after its capture
+    # a sender waits this long after its capture for the ego's broadcast of the same frame (pose, filling
+    # request); without it by then it goes on with the newest broadcast it heard
+    broadcast_wait_ms: float = Field(10.0, ge=0)
     # the ego ignores messages captured longer ago than this (None: fuse the newest, however old);
     # without motion compensation old features of moving cars can cost more than they add
     max_message_age_ms: float | None = Field(None, gt=0)

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from coperception.config import ExperimentConfig
-from coperception.datasets.collate import collate
+from coperception.datasets.collate import Projector, collate
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import PreparedDataset
 from coperception.datasets.readers import build_dataset
@@ -41,9 +41,10 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     model.eval()
     session = None
     if model.agent is not None:
-        session = CommSession(model.agent, model.confidence, cfg.comm, attack=attack)
+        session = CommSession(model.agent, model.confidence, cfg.comm, attack=attack,
+                              projector=Projector(cfg.dataset, cfg.model) if cfg.cooperation.project_first else None)
     sparse = model.agent is not None and model.agent.codec.sparse
-    sent_per_frame, sent_per_agent, request_bytes, fused_ages = [], [], [], []
+    sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
     model_ms = []
     load_ms = []
@@ -59,10 +60,10 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         rejected.update(out.rejected or {})
         for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):
             acc.add(dets.boxes, dets.scores, p.gt_boxes)
-            request = out.request_bytes[i] if out.request_bytes else 0
-            sent_per_frame.append(sum(sizes) + request)
+            broadcast = out.broadcast_bytes[i] if out.broadcast_bytes else 0
+            sent_per_frame.append(sum(sizes) + broadcast)
             sent_per_agent.extend(sizes)
-            request_bytes.append(request)
+            broadcast_bytes.append(broadcast)
             if out.fused_ages:
                 fused_ages.extend(out.fused_ages[i])
             if keep_detections:
@@ -81,8 +82,9 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         "params": {"method": label, **_cooperation_params(cfg)},
         "frames": len(indices),
     }
+    if session is not None:  # the ego's pose (and filling request) broadcast, part of bytes_per_frame
+        entry["broadcast_bytes_per_frame"] = float(np.mean(broadcast_bytes)) if broadcast_bytes else 0.0
     if sparse:
-        entry["request_bytes_per_frame"] = float(np.mean(request_bytes)) if request_bytes else 0.0
         entry["mean_fused_age_s"] = float(np.mean(fused_ages)) if fused_ages else None
         entry["rejected_messages"] = dict(rejected)  # refused on arrival (malformed, unauthenticated, foreign codebook)
     if keep_detections:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from coperception.comm.kinds import MessageKind
+from coperception.comm.wire import Message, encode_message
 from coperception.config import load_config
 from coperception.evaluate import evaluate_method
 from coperception.pipeline.model import build_model, load_model
@@ -171,7 +173,7 @@ def test_ego_supervision_is_the_head_on_the_ego_view_alone(opv2v_set, tmp_path):
     assert torch.allclose(trained.cls, alone.cls, atol=1e-5) and not torch.allclose(trained.cls, model(full).head.cls)
 
 
-def test_filling_request_is_measured_and_an_empty_one_is_not_sent(codebook_run):
+def test_filling_request_travels_in_the_egos_measured_broadcast(codebook_run):
     cfg, out, _ = codebook_run
     entries = {}
     for request_threshold in (0.0, 1.0):  # every cell requested / none (sigmoid scores stay below 1)
@@ -181,5 +183,8 @@ def test_filling_request_is_measured_and_an_empty_one_is_not_sent(codebook_run):
         entries[request_threshold] = evaluate_method(load_model(out / "last.pt", run), run, "test",
                                                      progress=False)
     everything, nothing = entries[0.0], entries[1.0]
-    assert everything["request_bytes_per_frame"] > 0 and nothing["request_bytes_per_frame"] == 0.0
+    grid = build_model(cfg).feature_grid
+    pose_only = encode_message(Message(MessageKind.REQUEST, 0, 1, 0.0, np.eye(4), grid, np.zeros(0, np.int64)))
+    assert nothing["broadcast_bytes_per_frame"] == sum(len(p) for p in pose_only)  # the pose, no cell
+    assert everything["broadcast_bytes_per_frame"] > nothing["broadcast_bytes_per_frame"]
     assert everything["bytes_per_agent_frame"] < nothing["bytes_per_agent_frame"]  # the ego covers it all

@@ -104,12 +104,16 @@ class Channel:
             link.bad = self.rng.random() < model.p_good_to_bad
         return bool(self.rng.random() < (model.loss_bad if link.bad else model.loss_good))
 
-    def transmit(self, link_id: Hashable, packets: Sequence[bytes], capture_time: float) -> Transmission:
+    def transmit(self, link_id: Hashable, packets: Sequence[bytes], capture_time: float,
+                 ready_time: float | None = None) -> Transmission:
         """Send `packets` (in order) captured at `capture_time` over the link `link_id` (e.g. the
-        sender id, or (scenario, sender) when clocks restart per scenario); returns what arrives and when."""
+        sender id, or (scenario, sender) when clocks restart per scenario); returns what arrives and when.
+        The first packet leaves after the processing time, not before `ready_time` (e.g. a sender that
+        waited for the ego's broadcast) and not before the link is free."""
         link = self.links.setdefault(link_id, Link())
         bytes_per_s = self.cfg.bandwidth_mbps * 1e6 / 8.0
-        clock = max(capture_time + self.cfg.processing_ms / 1e3, link.busy_until)
+        clock = max(capture_time + self.cfg.processing_ms / 1e3, link.busy_until,
+                    -np.inf if ready_time is None else ready_time)
         deliveries = []
         for packet in packets:
             clock += len(packet) / bytes_per_s

@@ -79,17 +79,21 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return F.max_pool2d(mask[None, None].float(), k, stride=1, padding=radius)[0, 0] > 0
 
 
-def select_for_senders(request: torch.Tensor | None, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor,
+def select_for_senders(request: torch.Tensor | None, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor | None,
                        grid: BEVGrid, cfg: SelectionSettings) -> torch.Tensor:
     """(S, H, W) bool: the cells each of S senders transmits, in its own grid.
 
     `request` (H, W) bool in the ego frame: the ego's information-filling request as the senders
     received it (None: no request, every sender selects by its own confidence alone);
-    sender_conf (S, H, W) and T_ego_from_sender (S, 4, 4) for the S senders."""
+    sender_conf (S, H, W) and T_ego_from_sender (S, 4, 4) for the S senders: where each sender
+    believes the ego frame is (None: it does not know, and neither the ego's grid nor a request
+    limits its choice)."""
     S = sender_conf.shape[0]
     if S == 0:
         return torch.zeros_like(sender_conf, dtype=torch.bool)
     conf = smooth_confidence(sender_conf, cfg.smooth_sigma)
+    if T_ego_from_sender is None:
+        return torch.stack([select_cells(conf[s], cfg.threshold, cfg.top_k) for s in range(S)])
     T_sender_from_ego = torch.linalg.inv(T_ego_from_sender.double()).float()
     # cells that land outside the ego's grid are of no use to it, whatever the selection rule
     allowed = _warp_maps(torch.ones_like(conf), T_sender_from_ego, grid, "nearest") > 0.5

@@ -6,9 +6,12 @@ Which agents' points are encoded, and in which frame, depends on the cooperation
 - `all`: every agent's points in its own frame (late fusion at inference; intermediate fusion
   without projection);
 - `projected`: every agent's points moved into the ego frame, each agent still encoded on its own
-  (intermediate fusion, OpenCOOD's `proj_first`): the sender projects with the ego pose the ego
-  broadcasts, so BEV features of all agents share the ego's axes and a feature's yaw means the same
-  for every agent.
+  (intermediate fusion, OpenCOOD's `proj_first`, in training): BEV features of all agents share the
+  ego's axes and a feature's yaw means the same for every agent. Training projects with the ego's
+  true pose (there is no channel in training);
+- `senders_project`: the views of `all`, with each sender's raw points kept (`AgentInput.points`):
+  at evaluation the comm session projects them into the ego pose the sender received from the ego's
+  broadcast (`project_into`), or keeps the own-frame view when it has received none.
 Each agent's points are lifted to the ego's height datum (z + height of the agent above the
 ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
 """
@@ -30,7 +33,7 @@ from coperception.types import AgentBatch, AnchorTargets, PillarBatch, TargetBat
 
 TargetFn = Callable[[np.ndarray], AnchorTargets]  # ground-truth boxes in the ego frame -> anchor targets
 
-InputMode = Literal["ego", "merged", "all", "projected"]
+InputMode = Literal["ego", "merged", "all", "projected", "senders_project"]
 
 
 @dataclass
@@ -45,6 +48,7 @@ class AgentInput:
     capture_time: float
     T_world_from_agent: np.ndarray  # (4, 4) the agent's true world pose at capture (unaugmented)
     T_world_from_frame: np.ndarray  # (4, 4) world pose of the frame the view is encoded in (unaugmented)
+    points: np.ndarray | None = None  # `senders_project`: the sender's raw points in its own frame
 
 
 @dataclass
@@ -156,16 +160,34 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
-                                    agent.T_world_from_agent, agent.T_world_from_agent))
+                                    agent.T_world_from_agent, agent.T_world_from_agent,
+                                    points[k] if mode == "senders_project" and k > 0 else None))
     return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
 
 
-def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:
+@dataclass(frozen=True)
+class Projector:
+    """Voxelizes a sender's own-frame points moved into another frame (the comm session's projection
+    into the ego pose the sender received), with the evaluation voxel cap; pillars kept above the cap
+    are drawn from a generator seeded by the frame and the sender."""
+
+    dataset: DatasetConfig
+    model: ModelConfig
+
+    def __call__(self, points: np.ndarray, T_frame_from_agent: np.ndarray, frame_key: str, sender: int) -> Voxels:
+        moved = transform_points(T_frame_from_agent, points).astype(np.float32)
+        draw = np.random.default_rng([zlib.crc32(frame_key.encode()), sender & 0xFFFFFFFF])
+        return voxelize(moved, self.dataset.point_cloud_range, self.model.voxel_size, self.model.max_points_per_voxel,
+                        voxel_cap(self.model, False), draw)
+
+
+def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
+    """One batch of the views of several samples (each sample's views in order, ego first)."""
     voxels, nums, coords, transforms, ages, kinds, record_len = [], [], [], [], [], [], []
     slot = 0
-    for prepared in batch:
-        record_len.append(len(prepared.agents))
-        for view in prepared.agents:
+    for views in samples:
+        record_len.append(len(views))
+        for view in views:
             v = view.voxels
             voxels.append(torch.from_numpy(v.voxels))
             nums.append(torch.from_numpy(v.num_points))
@@ -175,9 +197,13 @@ def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | 
             ages.append(view.age)
             kinds.append(view.kind)
             slot += 1
-    agent_batch = AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
-                             torch.tensor(kinds, dtype=torch.int64),
-                             lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)))
+    return AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
+                      torch.tensor(kinds, dtype=torch.int64),
+                      lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)))
+
+
+def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:
+    agent_batch = views_batch([p.agents for p in batch])
     targets = None
     if all(p.targets is not None for p in batch):
         targets = TargetBatch(torch.from_numpy(np.stack([p.targets.labels for p in batch])),

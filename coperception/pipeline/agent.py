@@ -35,14 +35,14 @@ class AgentSide(nn.Module):
         request = ego_request(ego_conf, self.selection.request_threshold)
         return request if bool(request.any()) else None
 
-    def select(self, request: torch.Tensor | None, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor
+    def select(self, request: torch.Tensor | None, sender_conf: torch.Tensor, T_ego_from_sender: torch.Tensor | None
                ) -> torch.Tensor:
         """(S, H, W) cells each of S senders transmits (all of them for a dense codec), from their own
-        confidence and the request they received."""
+        confidence and the request and ego pose they received (None: none received)."""
         if not self.codec.sparse:
             return torch.ones_like(sender_conf, dtype=torch.bool)
-        return select_for_senders(request, sender_conf, T_ego_from_sender.to(sender_conf.device), self.grid,
-                                  self.selection)
+        T = None if T_ego_from_sender is None else T_ego_from_sender.to(sender_conf.device)
+        return select_for_senders(request, sender_conf, T, self.grid, self.selection)
 
     def selected(self, conf: torch.Tensor, batch: AgentBatch) -> torch.Tensor:
         """(N_total, H, W) bool: every cell of an ego view, the cells each sender selects for its ego

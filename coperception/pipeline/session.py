@@ -1,20 +1,26 @@
-"""Delivering intermediate-cooperation messages at evaluation: select -> code -> wire packets ->
-channel -> decode, frame after frame.
+"""Delivering intermediate-cooperation messages at evaluation: broadcast -> select -> code -> wire
+packets -> channel -> decode, frame after frame.
 
-A `CommSession` runs over the frames of a split in order. At every frame each sender encodes its
-selected cells into packets and pushes them through its link; the ego then receives, per sender,
-the newest message whose delivered packets have all arrived by its capture time plus the fusion
-deadline (an older frame under delay), rebuilt from the bytes that arrived, with the pose the
-message carries. The session only delivers: the ego side that fuses is the one training uses.
-Byte counts are the lengths of the packets the ego received. Dense maps are not pushed through the
-channel (they would not fit it); they are delivered whole, counted at their serialized size.
+A `CommSession` runs over the frames of a split in order. At every frame the ego first broadcasts
+its pose (and, with information filling, its request) through the wire format and the channel to
+every sender. A sender waits up to `channel.broadcast_wait_ms` after its capture for that broadcast
+and otherwise goes on with the newest one it received: with `project_first` it projects its points
+into the ego pose of that broadcast (its own pose as its noisy localisation gives it) and the message
+says that frame; with filling it leaves out the cells of that broadcast's request. Nothing else of the
+ego reaches it. Each sender then encodes its selected cells into packets and pushes them through its
+link; the ego receives, per sender, the newest message whose delivered packets have all arrived by its
+capture time plus the fusion deadline (an older frame under delay), rebuilt from the bytes that
+arrived, and warps it from the frame the message states. The session only delivers: the ego side
+that fuses is the one training uses. Byte counts are the lengths of the packets the ego received and,
+once per frame, of the ego's broadcast. Dense maps are not pushed through the channel (they would
+not fit it); they are delivered whole, counted at their serialized size.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +32,7 @@ from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
 from coperception.config import CommConfig
 from coperception.errors import ConfigError
-from coperception.datasets.collate import PreparedSample
+from coperception.datasets.collate import AgentInput, PreparedSample, Projector
 from coperception.datasets.voxelize import pillar_points
 from coperception.geometry import invert
 from coperception.pipeline.agent import AgentSide
@@ -40,7 +46,7 @@ class FrameComm:
     """What one frame's communication cost and delivered."""
 
     delivered_bytes: dict[int, int]  # per sender, bytes of this frame's packets that arrived
-    request_bytes: int  # the ego's information-filling request (0 without filling)
+    broadcast_bytes: int  # the ego's broadcast of its pose and filling request (0 when none is needed)
     fused_ages: dict[int, float]  # per sender whose message was delivered: ego time - capture time
     rejected: dict[str, int] = field(default_factory=dict)  # messages the ego refused, by reason
 
@@ -56,6 +62,9 @@ class CommSession:
     held: dict[tuple[str, int], tuple[Transmission, Message]] = field(default_factory=dict)
     last_sequence: dict[tuple[str, int], int] = field(default_factory=dict)  # newest accepted, per sender
     attack: GhostAttack | None = None  # a malicious sender, for `bench attack`
+    projector: Projector | None = None  # project_first: senders project their points into the ego pose they heard
+    # per (scenario, receiving sender): the ego's broadcasts sent to it
+    broadcasts: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.codec = self.agent.codec
@@ -102,21 +111,76 @@ class CommSession:
         self.held[where] = (tx, msg)
         return msg
 
-    def _request(self, ego_conf: torch.Tensor, ego: int, ego_time: float, pose: np.ndarray
-                 ) -> tuple[torch.Tensor | None, int]:
-        """The ego's information-filling request as the senders receive it (rebuilt from its packets, so
-        nothing but its bits reaches them) and its bytes. The request is not delayed by the channel."""
-        request = self.agent.request(ego_conf)
-        if request is None:  # no filling, or an empty request, which is not sent
-            return None, 0
-        msg = Message(MessageKind.REQUEST, ego, self.sequence, ego_time, pose, self.grid,
-                      torch.nonzero(request.flatten(), as_tuple=True)[0].cpu().numpy())
-        packets = encode_message(msg, self.cfg.channel.mtu, self._key(ego))
-        received = decode_packets(packets, keys=self.keys, require_auth=self.keys is not None,
-                                  expected=Expected(self.grid, (MessageKind.REQUEST,)))
-        bits = torch.zeros(self.grid.cells, dtype=torch.bool, device=ego_conf.device)
-        bits[torch.from_numpy(received.cells).to(ego_conf.device)] = True
-        return bits.view(self.grid.height, self.grid.width), sum(len(p) for p in packets)
+    @property
+    def broadcasting(self) -> bool:
+        """Whether the ego broadcasts its pose: senders project into it, or select against it (sparse)."""
+        return self.projector is not None or isinstance(self.codec, CellCodec)
+
+    def _broadcast(self, scenario: str, views: Sequence[AgentInput], ego_conf: torch.Tensor) -> int:
+        """The ego's broadcast of this frame: its pose and, with filling, the cells of its request. Sent
+        once over the air, after the ego's own encoder, and received by each sender over its own link
+        (its own loss and jitter); returns its bytes."""
+        ego = views[0]
+        request = self.agent.request(ego_conf)  # None without filling (or when it is empty)
+        cells = np.zeros(0, np.int64) if request is None else \
+            torch.nonzero(request.flatten(), as_tuple=True)[0].cpu().numpy()
+        self.sequence += 1
+        msg = Message(MessageKind.REQUEST, ego.sender, self.sequence, ego.capture_time, ego.T_world_from_agent,
+                      self.grid, cells)
+        packets = encode_message(msg, self.cfg.channel.mtu, self._key(ego.sender))
+        for view in views[1:]:
+            tx = self.channel.transmit((scenario, "broadcast", view.sender), packets, ego.capture_time)
+            self.broadcasts.setdefault((scenario, view.sender), []).append(tx)
+        return sum(len(p) for p in packets)
+
+    def _heard(self, scenario: str, view: AgentInput) -> tuple[Message | None, float]:
+        """The newest ego broadcast the sender of `view` has received when it goes on, decoded from the
+        packets that arrived, and when it goes on: when the broadcast of its own frame arrived or, when
+        that one is not there `broadcast_wait_ms` after its capture, at that deadline."""
+        where = (scenario, view.sender)
+        queue = self.broadcasts.get(where, [])
+        if not queue:
+            return None, view.capture_time
+        deadline = view.capture_time + self.cfg.channel.broadcast_wait_ms / 1e3
+        current = queue[-1]  # this frame's
+        tx = newest_arrived(queue, deadline)
+        ready = max(view.capture_time, current.complete_time) if tx is current else deadline
+        while tx is not None:
+            try:
+                msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys, require_auth=self.keys is not None,
+                                     expected=Expected(self.grid, (MessageKind.REQUEST,)))
+            except MalformedMessage:  # refused: the sender goes on with an older one, if any
+                queue.remove(tx)
+                tx = newest_arrived(queue, deadline)
+                continue
+            self.broadcasts[where] = [t for t in queue if t.capture_time >= tx.capture_time]
+            return msg, ready
+        return None, ready
+
+    def _prepare_sender(self, view: AgentInput, heard: Message | None, T_world_from_ego: np.ndarray,
+                        frame_key: str) -> tuple[AgentInput, np.ndarray, bool]:
+        """The view the sender encodes, the pose of its frame as its message states it, and whether it
+        projected. Its own pose comes from its (noisy) localisation; with `project_first` and a broadcast
+        heard it moves its points into the ego pose of that broadcast, else it stays in its own frame."""
+        own = self.channel.noisy_pose(view.T_world_from_agent)
+        if self.projector is None or heard is None or view.points is None:
+            return view, own @ invert(view.T_world_from_agent) @ view.T_world_from_frame, False
+        frame = heard.pose
+        voxels = self.projector(view.points, invert(frame) @ own, frame_key, view.sender)
+        moved = replace(view, voxels=voxels, T_ego_from_frame=invert(T_world_from_ego) @ frame, T_world_from_frame=frame,
+                        points=None)
+        return moved, frame, True
+
+    def _select(self, conf: torch.Tensor, heard: Message | None, pose: np.ndarray) -> torch.Tensor:
+        """(H, W) cells one sender transmits, from its confidence `conf` (H, W) and the broadcast it heard
+        (the ego's pose bounds what is useful to the ego, the request says what the ego has); without a
+        broadcast it knows nothing of the ego and selects by its confidence alone."""
+        if heard is None:
+            return self.agent.select(None, conf[None], None)[0]
+        T = torch.from_numpy((invert(heard.pose) @ pose).astype(np.float32))[None].to(conf.device)
+        bits = torch.zeros(self.grid.cells, dtype=torch.bool, device=conf.device)
+        bits[torch.from_numpy(heard.cells).to(conf.device)] = True
+        return self.agent.select(bits.view(self.grid.height, self.grid.width), conf[None], T)[0]
 
     def _message(self, codec: CellCodec, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float,
                  pose: np.ndarray) -> Message:
@@ -138,47 +202,60 @@ class CommSession:
             arrived[cells] = True
         return flat.view(C, H, W), arrived.view(H, W)
 
-    def _whole(self, codec: DenseCodec, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, "FrameComm"]:
-        """Dense maps: every view delivered at once, counted at its serialized size."""
-        views = sample.agents
-        sent = {v.sender: codec.dense_bytes(feats[k], v.sender, v.capture_time, v.T_ego_from_frame)
-                for k, v in enumerate(views) if k > 0}
-        T = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views]).astype(np.float32)).to(feats.device)
+    def _whole(self, codec: DenseCodec, feats: torch.Tensor, views: Sequence[AgentInput], poses: Sequence[np.ndarray],
+               broadcast_bytes: int) -> tuple[Delivery, "FrameComm"]:
+        """Dense maps: every sender's map delivered at once, in the frame its pose states, counted at its
+        serialized size."""
+        sent = {v.sender: codec.dense_bytes(feats[k + 1], v.sender, v.capture_time, pose)
+                for k, (v, pose) in enumerate(zip(views[1:], poses))}
+        inv_ego = invert(views[0].T_world_from_agent)
+        T = torch.from_numpy(np.stack([np.eye(4)] + [inv_ego @ p for p in poses]).astype(np.float32)).to(feats.device)
+        T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
         age = torch.tensor([v.age for v in views], dtype=torch.float32, device=feats.device)
         kind = torch.tensor([v.kind for v in views], dtype=torch.int64, device=feats.device)
-        return Delivery(feats, None, [len(views)], T, age, kind), FrameComm(sent, 0, {v.sender: v.age for v in views[1:]})
+        return Delivery(feats, None, [len(views)], T, age, kind), \
+            FrameComm(sent, broadcast_bytes, {v.sender: v.age for v in views[1:]})
 
     @torch.no_grad()
-    def deliver(self, feats: torch.Tensor, sample: PreparedSample) -> tuple[Delivery, FrameComm]:
-        """feats (n, C, H, W): this sample's views (ego first), each in its own frame -> what the ego holds."""
+    def deliver(self, sample: PreparedSample, encode: Callable[[list[AgentInput]], torch.Tensor]
+                ) -> tuple[Delivery, FrameComm]:
+        """What the ego holds at `sample`'s frame: its own features and, per sender, the newest message
+        that has arrived. `encode`: views -> (n, C, H, W) BEV features, each in its view's frame."""
         codec = self.codec
-        if isinstance(codec, DenseCodec):
-            return self._whole(codec, feats, sample)
-        assert isinstance(codec, CellCodec)
         scenario = sample.frame_key.split("/")[0]
         views = sample.agents
         ego_time = views[0].capture_time
+        T_world_from_ego = views[0].T_world_from_agent
+        ego_feats = encode([views[0]])
+        broadcast_bytes = 0
+        if self.broadcasting and len(views) > 1:
+            broadcast_bytes = self._broadcast(scenario, views, self.confidence(ego_feats)[0])
+        encoded, heard, ready, poses = [views[0]], [], [], []
+        processing = self.cfg.channel.processing_ms / 1e3
+        for view in views[1:]:
+            msg, t_ready = self._heard(scenario, view) if self.broadcasting else (None, view.capture_time)
+            moved, pose, projected = self._prepare_sender(view, msg, T_world_from_ego, sample.frame_key)
+            encoded.append(moved)
+            heard.append(msg)
+            ready.append(t_ready + (processing if projected else 0.0))  # a projecting sender encodes after it heard
+            poses.append(pose)
+        feats = torch.cat([ego_feats, encode(encoded[1:])]) if len(encoded) > 1 else ego_feats
+        if isinstance(codec, DenseCodec):
+            return self._whole(codec, feats, encoded, poses, broadcast_bytes)
+        assert isinstance(codec, CellCodec)
         conf = self.confidence(feats)
-        T_now = torch.from_numpy(np.stack([v.T_ego_from_frame for v in views[1:]]).astype(np.float32)).to(feats.device) \
-            if len(views) > 1 else torch.zeros(0, 4, 4, device=feats.device)
-        request, request_bytes = self._request(conf[0], views[0].sender, ego_time, views[0].T_world_from_agent)
-        masks = self.agent.select(request, conf[1:], T_now)
         delivered = {}
-        for k, view in enumerate(views[1:]):
-            # the pose of the frame the features are in, as the sender's (noisy) localisation places it
-            true_pose = view.T_world_from_agent
-            reported_pose = self.channel.noisy_pose(true_pose) @ invert(true_pose) @ view.T_world_from_frame
-            sent, mask = feats[k + 1], masks[k]
+        for k, view in enumerate(encoded[1:]):
+            sent, mask = feats[k + 1], self._select(conf[k + 1], heard[k], poses[k])
             if self.attack is not None and self.attack.attacks(k + 1):
                 ego_x, ego_y = (float(v) for v in invert(view.T_ego_from_frame)[:2, 3])
                 sent, mask = self.attack(sent, conf[k + 1], mask, self.grid, (ego_x, ego_y))
-            msg = self._message(codec, sent, mask, view.sender, view.capture_time, reported_pose)
+            msg = self._message(codec, sent, mask, view.sender, view.capture_time, poses[k])
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
-            tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time)  # clocks restart per scenario
+            tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time, ready[k])  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
             delivered[view.sender] = tx.delivered_bytes
         # the ego's own features plus the newest arrived message of each current sender
-        T_world_from_ego = views[0].T_world_from_agent
         chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages: dict[int, float] = {}
@@ -220,4 +297,4 @@ class CommSession:
         delivery = Delivery(torch.stack(chosen_feats), torch.stack(chosen_arrived), [len(chosen_feats)], T,
                             torch.tensor(ages, dtype=torch.float32, device=feats.device),
                             torch.tensor(kinds, dtype=torch.int64, device=feats.device))
-        return delivery, FrameComm(delivered, request_bytes, fused_ages, rejected)
+        return delivery, FrameComm(delivered, broadcast_bytes, fused_ages, rejected)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from coperception.comm.payload import serialize_boxes, serialize_points
-from coperception.datasets.collate import InputMode, PreparedSample
+from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
 from coperception.geometry import transform_boxes
 from coperception.models.heads import HeadOutput
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
@@ -61,7 +61,7 @@ class TrainOutput:
 class StrategyOutput:
     detections: list[Detections]  # per sample, ego frame
     message_bytes: list[list[int]]  # per sample, per sending agent (ego excluded)
-    request_bytes: list[int] | None = None  # per sample, the ego's broadcast (information filling)
+    broadcast_bytes: list[int] | None = None  # per sample, the ego's broadcast (pose, filling request)
     fused_ages: list[list[float]] | None = None  # per sample, age of each fused message (s)
     rejected: dict[str, int] | None = None  # messages the ego refused on arrival, by reason (whole batch)
 
@@ -144,7 +144,11 @@ class IntermediateFusion(Strategy):
     sends_features = True
 
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
-        return "projected" if project_first else "all"
+        """Training projects with the ego's true pose; at inference the comm session projects each
+        sender's points into the ego pose it received."""
+        if not project_first:
+            return "all"
+        return "projected" if training else "senders_project"
 
     def forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
         """Training: messages reach the ego directly (optionally dropped), through the same ego side."""
@@ -159,14 +163,20 @@ class IntermediateFusion(Strategy):
                nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
         if session is None:
             raise ValueError("intermediate cooperation delivers its messages through a CommSession")
-        feats = model.encode(batch)
+        device = model.anchors.device
+
+        def encode(views: list[AgentInput]) -> torch.Tensor:
+            return model.encode(views_batch([views]).to(device))
+
+        # sample by sample: the ego encodes and broadcasts first, each sender encodes what it made of
+        # the broadcast it received (a projection into that ego pose) — `batch` holds the unprojected views
         deliveries, sizes, requests, ages = [], [], [], []
         rejected: Counter[str] = Counter()
-        for p, views in zip(prepared, feats.split(batch.record_len)):
-            delivery, stats = session.deliver(views, p)
+        for p in prepared:
+            delivery, stats = session.deliver(p, encode)
             deliveries.append(delivery)
             sizes.append(list(stats.delivered_bytes.values()))
-            requests.append(stats.request_bytes)
+            requests.append(stats.broadcast_bytes)
             ages.append(list(stats.fused_ages.values()))
             rejected.update(stats.rejected)
         out = model.receive(Delivery.cat(deliveries))

@@ -25,7 +25,7 @@ def _save(fig: plt.Figure, path: str | Path) -> None:
 
 def plot_ap_vs_bytes(rep: dict[str, Any], path: str | Path) -> None:
     """Curves of `points` grouped by `params.curve`, baselines from `methods` as single markers; x is the
-    measured bytes per frame (every sender's delivered packets plus the ego's filling request)."""
+    measured bytes per frame (every sender's delivered packets plus the ego's broadcast: pose and filling request)."""
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     curves: dict[str, list[tuple[float, float]]] = {}
     for point in rep.get("points", []):
@@ -38,7 +38,7 @@ def plot_ap_vs_bytes(rep: dict[str, Any], path: str | Path) -> None:
         ax.scatter([x], [entry["ap"]["0.5"]], marker=BASELINE_MARKERS.get(name, "x"), s=60, zorder=3,
                    label=f"{name} (ego only: nothing sent)" if name == "none" else name)
     ax.set_xscale("log")
-    ax.set_xlabel("measured bytes per frame, all senders + the ego's request (log scale)")
+    ax.set_xlabel("measured bytes per frame, all senders + the ego's broadcast (log scale)")
     ax.set_ylabel("AP@0.5 (global sort)")
     ax.set_title(f"AP vs communication volume, {rep['dataset']} {rep['split']}")
     ax.grid(True, which="both", alpha=0.3)
