@@ -113,13 +113,15 @@ def evaluate(
                                            "trained for); e.g. `late` with an ego-only checkpoint."),
     out: Optional[Path] = typer.Option(None, help="JSON report path (default: next to the checkpoint)."),
     limit: Optional[int] = typer.Option(None, help="Evaluate only the first N frames."),
+    save_predictions: Optional[Path] = typer.Option(None, "--save-predictions", help="Also write every frame's "
+                                                    "predictions and fused message cells as JSON (for `viz`)."),
     device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """Evaluate a checkpoint: AP (global sort and OpenCOOD per-frame sort), measured bytes, ms per stage."""
     from coperception.checkpoint import load_checkpoint
     from coperception.config import config_from_dict, load_config
-    from coperception.evaluate import evaluate_method, format_table, report
+    from coperception.evaluate import evaluate_method, format_table, report, save_predictions as write_predictions
     from coperception.io import write_json
     from coperception.pipeline.model import load_model, method_label
 
@@ -136,10 +138,13 @@ def evaluate(
         name = method_label(cfg)
         model = load_model(checkpoint, cfg)
         chosen = split or cfg.dataset.eval_split
-        entry = evaluate_method(model, cfg, chosen, limit=limit)
+        entry = evaluate_method(model, cfg, chosen, limit=limit, keep_detections=save_predictions is not None)
         rep = report({name: entry}, f"{cfg.dataset.format}:{cfg.dataset.root}", chosen)
         target = out or checkpoint.with_name(f"eval_{name}_{chosen}.json")
         write_json(target, rep)
+        if save_predictions is not None:
+            write_predictions(save_predictions, entry, model.feature_grid if model.agent is not None else None)
+            typer.echo(f"wrote {save_predictions}")
     except CoperceptionError as exc:
         _fail(exc)
     typer.echo(format_table(rep))
@@ -271,6 +276,130 @@ def demo(
         run_demo(cfg, out, workers=workers, log=typer.echo)
     except CoperceptionError as exc:
         _fail(exc)
+
+
+viz_app = typer.Typer(no_args_is_help=True, help="Pictures: BEV frames, animations, benchmark plots.")
+app.add_typer(viz_app, name="viz")
+VIZ_CONFIG = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (dataset, and the "
+                          "cooperation a --checkpoint is evaluated with).")
+VIZ_PREDICTIONS = typer.Option(None, "--predictions", help="A `coperception eval --save-predictions` file.")
+VIZ_CHECKPOINT = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint up to the frame instead.")
+VIZ_RANGE = typer.Option(None, "--range", help="Zoom: x0,y0,x1,y1 in metres of the ego frame (default: "
+                         "the evaluation range).")
+VIZ_FULL = typer.Option(False, "--full", help="Show everything, not only the evaluation range.")
+
+
+def _viz_range(text: str | None, full: bool, cfg) -> list[float] | None:
+    if full:
+        return None
+    if text is None:
+        return list(cfg.dataset.eval_range)
+    values = _float_list(text)
+    if len(values) != 4 or values[0] >= values[2] or values[1] >= values[3]:
+        raise CoperceptionError(f"--range {text!r}: expected x0,y0,x1,y1 with x0 < x1 and y0 < y1")
+    return values
+
+
+@viz_app.command("frame")
+def viz_frame(
+    out: Path = typer.Option(..., "--out", help="Picture to write (.png or .svg)."),
+    index: Optional[int] = typer.Option(None, "--index", help="Frame index in the split (default: the middle one)."),
+    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    config: Path = VIZ_CONFIG,
+    predictions: Optional[Path] = VIZ_PREDICTIONS,
+    checkpoint: Optional[Path] = VIZ_CHECKPOINT,
+    view_range: Optional[str] = VIZ_RANGE,
+    full: bool = VIZ_FULL,
+    iou: float = typer.Option(0.5, help="IoU at which a prediction counts as a true positive."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """One BEV frame: every agent's points, poses and links, the cells each sender sent (bytes, age), ground
+    truth and predictions coloured by match (true positive, false positive, missed) with scores."""
+    from coperception.config import load_config
+    from coperception.datasets.readers import build_dataset
+    from coperception.viz.bev import render_frame, save_figure
+    from coperception.viz.frames import load_views
+
+    try:
+        cfg = load_config(config, overrides)
+        chosen = split or cfg.dataset.eval_split
+        at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
+        view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+        save_figure(render_frame(view, _viz_range(view_range, full, cfg), iou, cfg.dataset.eval_range,
+                                 cfg.dataset.gt_range()), out)
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}")
+
+
+@viz_app.command("animate")
+def viz_animate(
+    out: Path = typer.Option(..., "--out", help="Animated GIF to write (.gif)."),
+    start: int = typer.Option(0, help="First frame index in the split."),
+    count: int = typer.Option(20, help="Number of frames."),
+    fps: float = typer.Option(5.0, help="Frames per second."),
+    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    config: Path = VIZ_CONFIG,
+    predictions: Optional[Path] = VIZ_PREDICTIONS,
+    checkpoint: Optional[Path] = VIZ_CHECKPOINT,
+    view_range: Optional[str] = VIZ_RANGE,
+    full: bool = VIZ_FULL,
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """Consecutive frames of a split as an animated GIF (the pictures of `viz frame`)."""
+    from coperception.config import load_config
+    from coperception.viz.frames import animate, load_views
+
+    try:
+        cfg = load_config(config, overrides)
+        if count < 1 or fps <= 0:
+            raise CoperceptionError("--count must be >= 1 and --fps > 0")
+        views = load_views(cfg, split or cfg.dataset.eval_split, list(range(start, start + count)), predictions,
+                           checkpoint)
+        animate(views, out, _viz_range(view_range, full, cfg), fps, eval_range=cfg.dataset.eval_range,
+                gt_range=cfg.dataset.gt_range())
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}")
+
+
+@viz_app.command("plots")
+def viz_plots(
+    bench: Path = typer.Option(Path("outputs/bench"), help="Folder with comm.json and/or robustness.json."),
+    fmt: str = typer.Option("png", "--format", help="png or svg."),
+) -> None:
+    """Redraw the benchmark plots (comm, robustness) from their JSON reports."""
+    from coperception.io import read_json
+    from coperception.viz.curves import plot_ap_vs_bytes, plot_robustness
+
+    try:
+        if fmt not in ("png", "svg"):
+            raise CoperceptionError(f"--format {fmt!r}: expected png or svg")
+        done = []
+        for name, plot in (("comm", plot_ap_vs_bytes), ("robustness", plot_robustness)):
+            if (bench / f"{name}.json").is_file():
+                plot(read_json(bench / f"{name}.json"), bench / f"{name}.{fmt}")
+                done.append(str(bench / f"{name}.{fmt}"))
+        if not done:
+            raise CoperceptionError(f"{bench}: no comm.json or robustness.json")
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo("wrote " + ", ".join(done))
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run folder: outputs/demo, outputs/bench, ..."),
+    out: Optional[Path] = typer.Option(None, help="HTML file (default: RUN_DIR/report.html)."),
+) -> None:
+    """One self-contained HTML page of a run folder (tables, plots, pictures) that opens offline."""
+    from coperception.viz.report import write_report
+
+    try:
+        target = write_report(run_dir, out)
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {target}")
 
 
 def _with_device(overrides: list[str], device: str | None) -> list[str]:

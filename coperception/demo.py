@@ -74,9 +74,11 @@ def run_demo(cfg: ExperimentConfig, out: Path, workers: int = 2, log: Callable[[
     middle = len(test_set) // 2
     sample = test_set[middle]
     key = f"{sample.scenario}/{sample.frame}"
-    shown = {m: dict(d)[key].boxes for m, d in frame_detections.items() if m in ("none", "max") and key in dict(d)}
     picture = out / "bev_test_frame.png"
-    plot_sample_bev(sample, picture, cfg.dataset.eval_range, detections=shown)
+    shown = "max" if "max" in frame_detections else next(iter(frame_detections))
+    dets = {f.frame_key: f for f in frame_detections[shown]}[key].detections
+    plot_sample_bev(sample, picture, [-60, -30, 60, 30], detections=(shown, dets.boxes, dets.scores),
+                    eval_range=cfg.dataset.eval_range, gt_range=cfg.dataset.gt_range())
     timings["total"] = time.perf_counter() - started
     rep.update({"visibility": visibility, "training": summaries,
                 "checkpoints": {k: str(v) for k, v in checkpoints.items()}, "seconds": timings, "bev_picture": str(picture)})

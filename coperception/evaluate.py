@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +22,20 @@ from coperception.device import synchronize
 from coperception.eval.ap import PROTOCOL, APAccumulator
 from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.model import CooperativeModel, method_label
-from coperception.pipeline.session import CommSession
+from coperception.pipeline.session import CommSession, HeldMessage
+from coperception.errors import DataFormatError
+from coperception.grid import BEVGrid
+from coperception.io import read_json, write_json
+from coperception.models.postprocess import Detections
+
+
+@dataclass
+class FramePrediction:
+    """One evaluated frame: the ego's detections and the cell messages it fused."""
+
+    frame_key: str
+    detections: Detections
+    held: list[HeldMessage] = field(default_factory=list)
 
 
 def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, progress: bool = True,
@@ -67,7 +82,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
             if out.fused_ages:
                 fused_ages.extend(out.fused_ages[i])
             if keep_detections:
-                kept.append((p.frame_key, dets))
+                kept.append(FramePrediction(p.frame_key, dets, out.held[i] if out.held else []))
         t_load = time.perf_counter()
     if was_training:
         model.train()
@@ -90,6 +105,38 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     if keep_detections:
         entry["_detections"] = kept
     return entry
+
+
+def save_predictions(path: str | Path, entry: dict[str, Any], grid: BEVGrid | None) -> None:
+    """The frames an `evaluate_method(..., keep_detections=True)` entry kept, as JSON: per frame the
+    boxes (x, y, z, l, w, h, yaw in the ego frame), scores and the cells each fused message brought."""
+    frames = [{"frame": f.frame_key, "boxes": np.round(f.detections.boxes, 4).tolist(),
+               "scores": np.round(f.detections.scores, 5).tolist(),
+               "messages": [{"sender": int(h.sender), "cells": h.cells.astype(int).tolist(),
+                             "T_ego_from_frame": np.round(h.T_ego_from_frame, 6).tolist(), "bytes": int(h.bytes),
+                             "age_s": float(h.age_s)} for h in f.held]}
+              for f in entry["_detections"]]
+    grid_json = None if grid is None else {"x_min": grid.x_min, "y_min": grid.y_min, "cell": grid.cell,
+                                           "height": grid.height, "width": grid.width}
+    write_json(path, {"method": entry["params"]["method"], "grid": grid_json, "frames": frames})
+
+
+def load_predictions(path: str | Path) -> tuple[str, BEVGrid | None, dict[str, FramePrediction]]:
+    """What `save_predictions` wrote: (method, feature grid, {frame key: prediction})."""
+    data = read_json(path)
+    try:
+        grid = BEVGrid(**data["grid"]) if data.get("grid") else None
+        frames = {}
+        for f in data["frames"]:
+            boxes = np.asarray(f["boxes"], dtype=np.float64).reshape(-1, 7)
+            scores = np.asarray(f["scores"], dtype=np.float64).reshape(-1)
+            held = [HeldMessage(int(m["sender"]), np.asarray(m["cells"], dtype=np.int64),
+                                np.asarray(m["T_ego_from_frame"], dtype=np.float64).reshape(4, 4), int(m["bytes"]),
+                                float(m["age_s"])) for m in f["messages"]]
+            frames[f["frame"]] = FramePrediction(f["frame"], Detections(boxes, scores, np.zeros(len(boxes), np.int64)), held)
+        return str(data["method"]), grid, frames
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataFormatError(path, f"not a predictions file of `coperception eval --save-predictions` ({exc!r})") from None
 
 
 def _cooperation_params(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -61,7 +61,7 @@ class PreparedSample:
     sent_points: list[tuple[int, float, np.ndarray, np.ndarray]]
 
 
-def _agent_id(agent_id: str) -> int:
+def sender_id(agent_id: str) -> int:
     """The integer sender id the wire format carries: the id itself, or a stable CRC32 of a name
     (Python's `hash` of a string changes from process to process)."""
     try:
@@ -142,16 +142,16 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
     views: list[AgentInput] = []
     sent_points = []
     if mode == "merged":
-        sent_points = [(_agent_id(a.agent_id), a.capture_time, T, p)
+        sent_points = [(sender_id(a.agent_id), a.capture_time, T, p)
                        for a, T, p in zip(sample.agents[1:], transforms[1:], points[1:])]
         merged = np.concatenate([transform_points(T, p) for T, p in zip(transforms, points)])
-        views.append(AgentInput(_voxelize(merged, dcfg, mcfg), np.eye(4), 0, 0.0, _agent_id(sample.ego.agent_id),
+        views.append(AgentInput(_voxelize(merged, dcfg, mcfg), np.eye(4), 0, 0.0, sender_id(sample.ego.agent_id),
                                 ego_time, sample.ego.T_world_from_agent, sample.ego.T_world_from_agent))
     elif mode == "projected":
         for k, agent in enumerate(sample.agents):
             projected = transform_points(transforms[k], points[k]).astype(np.float32) if k else points[k]
             views.append(AgentInput(_voxelize(projected, dcfg, mcfg), np.eye(4), int(agent.kind == "rsu"),
-                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
+                                    float(ego_time - agent.capture_time), sender_id(agent.agent_id), agent.capture_time,
                                     agent.T_world_from_agent, sample.ego.T_world_from_agent))
     else:
         chosen = range(1) if mode == "ego" else range(len(sample.agents))
@@ -159,7 +159,7 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             agent = sample.agents[k]
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
-                                    float(ego_time - agent.capture_time), _agent_id(agent.agent_id), agent.capture_time,
+                                    float(ego_time - agent.capture_time), sender_id(agent.agent_id), agent.capture_time,
                                     agent.T_world_from_agent, agent.T_world_from_agent,
                                     points[k] if mode == "senders_project" and k > 0 else None))
     return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)

@@ -32,28 +32,50 @@ class FrameMatches:
     n_gt: int
 
 
-def match_frame(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou_threshold: float,
-                eval_range: Sequence[float], gt_range: Sequence[float] | None = None) -> FrameMatches:
+@dataclass
+class BoxMatches:
+    """One frame's matching in the caller's box order (what a picture colours)."""
+
+    evaluated: np.ndarray  # per prediction: inside the eval range (else it is not scored)
+    true_positive: np.ndarray  # per prediction
+    gt_kept: np.ndarray  # per GT box: inside the GT range (else it does not count)
+    gt_matched: np.ndarray  # per GT box: matched by a true positive
+
+
+def match_boxes(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou_threshold: float,
+                eval_range: Sequence[float], gt_range: Sequence[float] | None = None) -> BoxMatches:
     """Greedy matching of one frame. GT is kept when its 8 corners lie in `gt_range` (default: the
-    eval range); a prediction when its 4 BEV corners lie in the eval range's x/y."""
+    eval range); a prediction when its 4 BEV corners lie in the eval range's x/y. In score order each
+    kept prediction takes the best still-unmatched kept GT box if their IoU reaches the threshold."""
+    boxes, gt = np.asarray(boxes).reshape(-1, 7), np.asarray(gt).reshape(-1, 7)
     gt_range = eval_range if gt_range is None else gt_range
-    gt = gt[in_range_mask(gt, gt_range)] if len(gt) else gt.reshape(0, 7)
-    if len(boxes):
-        inside = bev_in_range_mask(boxes, eval_range)
-        boxes, scores = boxes[inside], scores[inside]
-    order = np.argsort(-scores, kind="stable")
-    boxes, scores = boxes[order], scores[order]
+    gt_kept = in_range_mask(gt, gt_range) if len(gt) else np.zeros(0, dtype=bool)
+    evaluated = bev_in_range_mask(boxes, eval_range) if len(boxes) else np.zeros(0, dtype=bool)
     tp = np.zeros(len(boxes), dtype=bool)
-    if len(boxes) and len(gt):
-        iou = rotated_iou_bev(boxes, gt)
-        unmatched = np.ones(len(gt), dtype=bool)
-        for i in range(len(boxes)):  # greedy over detections of one frame
+    matched = np.zeros(len(gt), dtype=bool)
+    pred_idx, gt_idx = np.nonzero(evaluated)[0], np.nonzero(gt_kept)[0]
+    if len(pred_idx) and len(gt_idx):
+        order = pred_idx[np.argsort(-np.asarray(scores)[pred_idx], kind="stable")]
+        iou = rotated_iou_bev(boxes[order], gt[gt_idx])
+        unmatched = np.ones(len(gt_idx), dtype=bool)
+        for i, p in enumerate(order):  # greedy over detections of one frame
             candidates = np.where(unmatched, iou[i], -1.0)
             j = int(np.argmax(candidates))
             if candidates[j] >= iou_threshold:
-                tp[i] = True
+                tp[p] = True
                 unmatched[j] = False
-    return FrameMatches(scores, tp, len(gt))
+                matched[gt_idx[j]] = True
+    return BoxMatches(evaluated, tp, gt_kept, matched)
+
+
+def match_frame(boxes: np.ndarray, scores: np.ndarray, gt: np.ndarray, iou_threshold: float,
+                eval_range: Sequence[float], gt_range: Sequence[float] | None = None) -> FrameMatches:
+    """`match_boxes` as AP needs it: the scored detections by descending score, TP flags, GT count."""
+    scores = np.asarray(scores).reshape(-1)
+    m = match_boxes(boxes, scores, gt, iou_threshold, eval_range, gt_range)
+    kept = np.nonzero(m.evaluated)[0]
+    order = kept[np.argsort(-scores[kept], kind="stable")]
+    return FrameMatches(scores[order], m.true_positive[order], int(m.gt_kept.sum()))
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray) -> float:

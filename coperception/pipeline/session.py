@@ -42,6 +42,17 @@ from coperception.pipeline.ego import Delivery
 
 
 @dataclass
+class HeldMessage:
+    """A sender's message as the ego fused it: the cells that arrived and where they lie."""
+
+    sender: int
+    cells: np.ndarray  # flat indices of the feature grid, in the message's frame
+    T_ego_from_frame: np.ndarray  # (4, 4) from the pose the message states
+    bytes: int  # delivered bytes of that message
+    age_s: float  # ego time - capture time
+
+
+@dataclass
 class FrameComm:
     """What one frame's communication cost and delivered."""
 
@@ -49,6 +60,7 @@ class FrameComm:
     broadcast_bytes: int  # the ego's broadcast of its pose and filling request (0 when none is needed)
     fused_ages: dict[int, float]  # per sender whose message was delivered: ego time - capture time
     rejected: dict[str, int] = field(default_factory=dict)  # messages the ego refused, by reason
+    held: list[HeldMessage] = field(default_factory=list)  # what the ego fused, per sender (cell messages)
 
 
 @dataclass
@@ -259,6 +271,7 @@ class CommSession:
         chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages: dict[int, float] = {}
+        held: list[HeldMessage] = []
         rejected: Counter[str] = Counter()
         checks = self.cfg.consistency
         ego_free = free_space(pillar_points(views[0].voxels), self.grid, checks.ground_z) if checks.enabled else None
@@ -292,9 +305,10 @@ class CommSession:
             ages.append(ego_time - msg.capture_time)
             kinds.append(view.kind)
             fused_ages[view.sender] = ego_time - msg.capture_time
+            held.append(HeldMessage(view.sender, msg.cells, T_ego_from_sender, tx.delivered_bytes, ego_time - msg.capture_time))
         T = torch.from_numpy(np.stack(transforms).astype(np.float32)).to(feats.device)
         T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
         delivery = Delivery(torch.stack(chosen_feats), torch.stack(chosen_arrived), [len(chosen_feats)], T,
                             torch.tensor(ages, dtype=torch.float32, device=feats.device),
                             torch.tensor(kinds, dtype=torch.int64, device=feats.device))
-        return delivery, FrameComm(delivered, broadcast_bytes, fused_ages, rejected)
+        return delivery, FrameComm(delivered, broadcast_bytes, fused_ages, rejected, held)

@@ -27,7 +27,7 @@ from coperception.registry import Registry
 from coperception.types import AgentBatch
 
 if TYPE_CHECKING:
-    from coperception.pipeline.session import CommSession
+    from coperception.pipeline.session import CommSession, HeldMessage
 
 
 class CooperativeParts(Protocol):
@@ -64,6 +64,7 @@ class StrategyOutput:
     broadcast_bytes: list[int] | None = None  # per sample, the ego's broadcast (pose, filling request)
     fused_ages: list[list[float]] | None = None  # per sample, age of each fused message (s)
     rejected: dict[str, int] | None = None  # messages the ego refused on arrival, by reason (whole batch)
+    held: list[list["HeldMessage"]] | None = None  # per sample, the cell messages the ego fused
 
 
 class Strategy:
@@ -170,7 +171,7 @@ class IntermediateFusion(Strategy):
 
         # sample by sample: the ego encodes and broadcasts first, each sender encodes what it made of
         # the broadcast it received (a projection into that ego pose) — `batch` holds the unprojected views
-        deliveries, sizes, requests, ages = [], [], [], []
+        deliveries, sizes, requests, ages, held = [], [], [], [], []
         rejected: Counter[str] = Counter()
         for p in prepared:
             delivery, stats = session.deliver(p, encode)
@@ -178,7 +179,8 @@ class IntermediateFusion(Strategy):
             sizes.append(list(stats.delivered_bytes.values()))
             requests.append(stats.broadcast_bytes)
             ages.append(list(stats.fused_ages.values()))
+            held.append(stats.held)
             rejected.update(stats.rejected)
         out = model.receive(Delivery.cat(deliveries))
         return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages,
-                              rejected)
+                              rejected, held)

@@ -13,52 +13,83 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from coperception.io import atomic_write_bytes  # noqa: E402
 
-BASELINE_MARKERS = {"none": "o", "late": "s", "early": "^", "max": "D", "where2comm": "v"}
+# baselines: one marker and colour each, none shared with the message curves
+BASELINES = {"late": ("s", "#4d4d4d", "late fusion (boxes)"), "early": ("^", "#8c510a", "early fusion (points)"),
+             "max": ("D", "#01665e", "dense fp32 BEV map (max)")}
+CURVE_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#e377c2", "#17becf", "#bcbd22"]
+SWEEP_TITLES = {"loss": ("Packet loss (Gilbert-Elliott bursts)", "stationary packet loss"),
+                "delay_ms": ("Message delay", "one-way latency"),
+                "delay_ms_max_age_150": ("Delay, messages older than 150 ms ignored", "one-way latency"),
+                "pose_noise": ("Pose noise of the senders", "sigma of x/y and yaw")}
 
 
 def _save(fig: plt.Figure, path: str | Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
+    fig.savefig(buf, format="svg" if str(path).lower().endswith(".svg") else "png", bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_ap_vs_bytes(rep: dict[str, Any], path: str | Path) -> None:
-    """Curves of `points` grouped by `params.curve`, baselines from `methods` as single markers; x is the
-    measured bytes per frame (every sender's delivered packets plus the ego's broadcast: pose and filling request)."""
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    """`ap_vs_bytes_figure` written to `path` (PNG or SVG)."""
+    _save(ap_vs_bytes_figure(rep), path)
+
+
+def ap_vs_bytes_figure(rep: dict[str, Any]) -> plt.Figure:
+    """AP@0.5 against measured bytes per frame (every sender's delivered packets plus the ego's broadcast:
+    pose and filling request), log x from the smallest real value. One colour per message type (fp32
+    cells, each codebook), dashed with information filling; baselines as single markers; the
+    ego-only model, which sends nothing, as a horizontal line."""
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
     curves: dict[str, list[tuple[float, float]]] = {}
     for point in rep.get("points", []):
         curves.setdefault(point["params"]["curve"], []).append((point["bytes_per_frame"], point["ap"]["0.5"]))
+    families = list(dict.fromkeys(name.removesuffix(" + filling") for name in curves))
+    xs = [x for xy in curves.values() for x, _ in xy if x > 0]
     for name, xy in curves.items():
-        xy = sorted((max(x, 1.0), y) for x, y in xy)
-        ax.plot([x for x, _ in xy], [y for _, y in xy], marker=".", label=name)
+        family = name.removesuffix(" + filling")
+        colour = CURVE_COLOURS[families.index(family) % len(CURVE_COLOURS)]
+        xy = sorted((x, y) for x, y in xy if x > 0)
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", markersize=4, color=colour,
+                linestyle="--" if name.endswith("+ filling") else "-",
+                label=name.replace("where2comm", "fp32 cells (Where2comm-style)"))
     for name, entry in rep["methods"].items():
-        x = max(entry["bytes_per_frame"], 1.0)
-        ax.scatter([x], [entry["ap"]["0.5"]], marker=BASELINE_MARKERS.get(name, "x"), s=60, zorder=3,
-                   label=f"{name} (ego only: nothing sent)" if name == "none" else name)
+        if name == "none":
+            ax.axhline(entry["ap"]["0.5"], color="#7f7f7f", linestyle=":", label="ego only (nothing sent)")
+        elif name in BASELINES and entry["bytes_per_frame"] > 0:
+            marker, colour, label = BASELINES[name]
+            ax.scatter([entry["bytes_per_frame"]], [entry["ap"]["0.5"]], marker=marker, color=colour, s=70, zorder=3,
+                       label=label)
+            xs.append(entry["bytes_per_frame"])
     ax.set_xscale("log")
-    ax.set_xlabel("measured bytes per frame, all senders + the ego's broadcast (log scale)")
-    ax.set_ylabel("AP@0.5 (global sort)")
-    ax.set_title(f"AP vs communication volume, {rep['dataset']} {rep['split']}")
+    if xs:
+        ax.set_xlim(min(xs) / 1.6, max(xs) * 1.6)
+    ax.set_xlabel("measured bytes per frame: all senders' packets + the ego's broadcast (log scale)")
+    ax.set_ylabel("AP@0.5 (BEV IoU, global sort)")
+    ax.set_title(f"Detection vs communication volume ({rep['dataset']}, {rep['split']} split)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    _save(fig, path)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
 
 
 def plot_robustness(rep: dict[str, Any], path: str | Path) -> None:
+    """AP@0.5 per channel impairment, one panel per sweep, the ego-only model as a reference line."""
     sweeps = rep["sweeps"]
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4), dpi=110)
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(4.6 * len(sweeps), 4), dpi=110, squeeze=False)
     ego = rep["methods"].get("none", {}).get("ap", {}).get("0.5")
-    for ax, (name, entries) in zip(axes, sweeps.items()):
+    for ax, (name, entries) in zip(axes[0], sweeps.items()):
         labels = [e["params"]["setting"] for e in entries]
-        ax.plot(range(len(entries)), [e["ap"]["0.5"] for e in entries], marker="o", label="codebook messages")
+        title, xlabel = SWEEP_TITLES.get(name, (name.replace("_", " "), "setting"))
+        ax.plot(range(len(entries)), [e["ap"]["0.5"] for e in entries], marker="o", color=CURVE_COLOURS[0],
+                label="codebook messages")
         if ego is not None:
-            ax.axhline(ego, color="grey", linestyle="--", label="ego only")
+            ax.axhline(ego, color="#7f7f7f", linestyle=":", label="ego only (nothing sent)")
         ax.set_xticks(range(len(entries)), labels, fontsize=8)
-        ax.set_title(name)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("AP@0.5 (global sort)")
         ax.set_ylim(0, 1)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
     _save(fig, path)
