@@ -363,6 +363,66 @@ def viz_animate(
     typer.echo(f"wrote {out}")
 
 
+@viz_app.command("3d")
+def viz_3d(
+    out: Path = typer.Option(..., "--out", help="Picture to write (.png)."),
+    index: Optional[int] = typer.Option(None, "--index", help="Frame index in the split (default: the middle one)."),
+    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    config: Path = VIZ_CONFIG,
+    predictions: Optional[Path] = VIZ_PREDICTIONS,
+    checkpoint: Optional[Path] = VIZ_CHECKPOINT,
+    view_range: Optional[str] = VIZ_RANGE,
+    engine: str = typer.Option("auto", help="open3d (offscreen), matplotlib, or auto: open3d when it can render "
+                               "here, else matplotlib."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """A 3D view of one frame: points by agent, boxes as line sets coloured by match."""
+    from coperception.config import load_config
+    from coperception.datasets.readers import build_dataset
+    from coperception.viz.frames import load_views
+    from coperception.viz.views import render_3d
+
+    try:
+        cfg = load_config(config, overrides)
+        chosen = split or cfg.dataset.eval_split
+        at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
+        view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+        zoom = _viz_range(view_range, False, cfg) if view_range else None
+        drawn = render_3d(view, out, zoom, eval_range=cfg.dataset.eval_range, gt_range=cfg.dataset.gt_range(),
+                          engine=engine)
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out} with {drawn}")
+
+
+@viz_app.command("camera")
+def viz_camera(
+    out: Path = typer.Option(..., "--out", help="Picture to write (.png or .svg)."),
+    camera: int = typer.Option(0, help="The ego's camera index."),
+    index: Optional[int] = typer.Option(None, "--index", help="Frame index in the split (default: the middle one)."),
+    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    config: Path = VIZ_CONFIG,
+    predictions: Optional[Path] = VIZ_PREDICTIONS,
+    checkpoint: Optional[Path] = VIZ_CHECKPOINT,
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """The ego's camera image with ground truth and predictions projected into it."""
+    from coperception.config import load_config
+    from coperception.datasets.readers import build_dataset
+    from coperception.viz.frames import load_views
+    from coperception.viz.views import render_camera
+
+    try:
+        cfg = load_config(config, overrides)
+        chosen = split or cfg.dataset.eval_split
+        at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
+        view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+        render_camera(view, camera, out, eval_range=cfg.dataset.eval_range, gt_range=cfg.dataset.gt_range())
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out}")
+
+
 @viz_app.command("plots")
 def viz_plots(
     bench: Path = typer.Option(Path("outputs/bench"), help="Folder with comm.json and/or robustness.json."),

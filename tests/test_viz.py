@@ -18,7 +18,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from coperception.cli import app
-from coperception.datasets.types import AgentObservation, CooperativeSample
+from coperception.datasets.types import AgentObservation, Camera, CooperativeSample
+from coperception.errors import ConfigError
+from coperception.geometry import boxes_to_corners
 from coperception.evaluate import FramePrediction, load_predictions, save_predictions
 from coperception.grid import BEVGrid
 from coperception.models.postprocess import Detections
@@ -26,6 +28,7 @@ from coperception.pipeline.session import HeldMessage
 from coperception.viz.bev import MATCH_COLOURS, FrameView, agent_colour, render_frame
 from coperception.viz.curves import ap_vs_bytes_figure
 from coperception.viz.frames import frame_pixels
+from coperception.viz.views import camera_figure, render_3d
 
 RANGE = [-40.0, -20.0, -3.0, 40.0, 20.0, 1.0]
 GRID = BEVGrid.from_range(RANGE, 0.8)
@@ -148,6 +151,39 @@ def test_a_frame_without_detections_or_messages_still_renders(tmp_path):
         fig = render_frame(FrameView(sample), None)
         assert frame_pixels(fig).shape[2] == 3
         plt.close(fig)
+
+
+def test_3d_view_falls_back_to_matplotlib_and_names_what_is_missing(tmp_path):
+    view = FrameView(scene(), PREDICTED, SCORES)
+    drawn = render_3d(view, tmp_path / "auto.png", eval_range=RANGE)
+    assert drawn.startswith(("matplotlib", "open3d"))
+    assert Image.open(tmp_path / "auto.png").size[0] > 300
+    assert render_3d(view, tmp_path / "mpl.png", engine="matplotlib") == "matplotlib"
+    if drawn.startswith("matplotlib ("):  # open3d missing or unable to render offscreen here: said, not crashed
+        with pytest.raises(ConfigError, match="open3d"):
+            render_3d(view, tmp_path / "o3d.png", engine="open3d")
+
+
+def test_camera_picture_draws_boxes_where_the_calibration_projects_them(tmp_path):
+    # a forward camera 1.5 m above the LiDAR origin: optical z = LiDAR x, optical x = -LiDAR y, optical y = -LiDAR z
+    T = np.eye(4)
+    T[:3, :3] = [[0, 0, 1], [-1, 0, 0], [0, -1, 0]]
+    T[2, 3] = 1.5
+    K = np.array([[200.0, 0, 160], [0, 200.0, 120], [0, 0, 1]])
+    Image.new("RGB", (320, 240), "white").save(tmp_path / "cam.png")
+    sample = scene()
+    sample.agents[0].cameras = [Camera("camera0", K, T, str(tmp_path / "cam.png"))]
+    fig = camera_figure(FrameView(sample, PREDICTED, SCORES), 0, eval_range=RANGE)
+    ax = fig.axes[0]
+    corners = boxes_to_corners(sample.gt_boxes[:1])[0]  # the detected car, 10 m ahead
+    uv, depth = sample.agents[0].cameras[0].project(corners)
+    assert (depth > 0).all()
+    mid = (uv[2] + uv[3]) / 2  # the middle of a bottom edge: drawn in the detected colour
+    assert has_colour(colour_at(fig, ax, *mid), MATCH_COLOURS["tp"])
+    assert (colour_at(fig, ax, 20.0, 20.0) > 240).all()  # a corner of the white image: nothing drawn
+    plt.close(fig)
+    with pytest.raises(ConfigError, match="cameras"):
+        camera_figure(FrameView(sample), 3)
 
 
 def test_predictions_file_round_trips(tmp_path):
