@@ -311,6 +311,7 @@ def viz_frame(
     view_range: Optional[str] = VIZ_RANGE,
     full: bool = VIZ_FULL,
     iou: float = typer.Option(0.5, help="IoU at which a prediction counts as a true positive."),
+    dpi: int = typer.Option(110, help="Resolution of a PNG."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """One BEV frame: every agent's points, poses and links, the cells each sender sent (bytes, age), ground
@@ -326,7 +327,7 @@ def viz_frame(
         at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
         view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
         save_figure(render_frame(view, _viz_range(view_range, full, cfg), iou, cfg.dataset.eval_range,
-                                 cfg.dataset.gt_range()), out)
+                                 cfg.dataset.gt_range(), dpi=dpi), out)
     except CoperceptionError as exc:
         _fail(exc)
     typer.echo(f"wrote {out}")
@@ -338,6 +339,7 @@ def viz_animate(
     start: int = typer.Option(0, help="First frame index in the split."),
     count: int = typer.Option(20, help="Number of frames."),
     fps: float = typer.Option(5.0, help="Frames per second."),
+    dpi: int = typer.Option(80, help="Resolution of the frames."),
     split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
     config: Path = VIZ_CONFIG,
     predictions: Optional[Path] = VIZ_PREDICTIONS,
@@ -357,7 +359,7 @@ def viz_animate(
         views = load_views(cfg, split or cfg.dataset.eval_split, list(range(start, start + count)), predictions,
                            checkpoint)
         animate(views, out, _viz_range(view_range, full, cfg), fps, eval_range=cfg.dataset.eval_range,
-                gt_range=cfg.dataset.gt_range())
+                gt_range=cfg.dataset.gt_range(), dpi=dpi)
     except CoperceptionError as exc:
         _fail(exc)
     typer.echo(f"wrote {out}")

@@ -42,7 +42,7 @@ def _open3d_render(view: FrameView, path: Path, groups, size: tuple[int, int]) -
     try:
         renderer = rendering.OffscreenRenderer(*size)
     except Exception as exc:  # no EGL / OSMesa: open3d raises a plain RuntimeError
-        return f"open3d cannot render offscreen here ({exc})"
+        return f"open3d cannot render offscreen here: {exc}; it needs a Vulkan or EGL driver (Debian: mesa-vulkan-drivers)"
     material = rendering.MaterialRecord()
     material.shader = "defaultUnlit"
     material.point_size = 2.0
@@ -60,7 +60,8 @@ def _open3d_render(view: FrameView, path: Path, groups, size: tuple[int, int]) -
             lineset.paint_uniform_color(matplotlib.colors.to_rgb(colour))
             renderer.scene.add_geometry(f"box{g}_{b}", lineset, lines_material)
     renderer.scene.set_background([1, 1, 1, 1])
-    renderer.setup_camera(60.0, [10, 0, 0], [-40, -30, 35], [0, 0, 1])
+    renderer.scene.view.set_post_processing(False)  # no tone mapping: the palette's own colours
+    renderer.setup_camera(50.0, [5, 0, 0], [-35, -28, 30], [0, 0, 1])
     image = np.asarray(renderer.render_to_image())
     Image.fromarray(image).save(path)
     return None
