@@ -278,6 +278,44 @@ def demo(
         _fail(exc)
 
 
+@app.command("export")
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="An intermediate-fusion checkpoint."),
+    out: Path = typer.Option(..., "--out", help="Folder for agent.onnx, ego.onnx and spec.json."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML (default: the checkpoint's)."),
+    int8: bool = typer.Option(False, "--int8", help="W8A8 post-training quantization with explicit Q/DQ."),
+    calib_frames: int = typer.Option(32, "--calib-frames", help="Training frames for the INT8 calibration."),
+    calibration: str = typer.Option("mse", help="Activation ranges: minmax, percentile or mse."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs tensorrt; "
+                                  "otherwise prints the trtexec commands)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """Export the agent graph (pillars -> features, confidence, codes) and the ego graph (warp -> fusion ->
+    head) to ONNX, write their spec and check both with onnxruntime."""
+    from coperception.checkpoint import load_checkpoint
+    from coperception.config import config_from_dict, load_config
+    from coperception.export.onnx import export_model
+
+    try:
+        if calibration not in ("minmax", "percentile", "mse"):
+            raise CoperceptionError(f"--calibration {calibration!r}: expected minmax, percentile or mse")
+        if config is not None:
+            cfg = load_config(config, overrides)
+        else:
+            stored = load_checkpoint(checkpoint).get("config")
+            if not isinstance(stored, dict):
+                raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
+            cfg = config_from_dict(stored, [*overrides, "train.device=cpu"], f"{checkpoint} (stored config)")
+        export_model(checkpoint, cfg, out, int8, calib_frames, calibration, log=typer.echo)  # type: ignore[arg-type]
+        if tensorrt:
+            from coperception.export.tensorrt import build_engines
+
+            typer.echo("wrote " + ", ".join(str(p) for p in build_engines(out, int8)))
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out / 'agent.onnx'}, {out / 'ego.onnx'} and {out / 'spec.json'}")
+
+
 viz_app = typer.Typer(no_args_is_help=True, help="Pictures: BEV frames, animations, benchmark plots.")
 app.add_typer(viz_app, name="viz")
 VIZ_CONFIG = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (dataset, and the "

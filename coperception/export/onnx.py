@@ -1,0 +1,209 @@
+"""`coperception export`: the agent and ego graphs of a checkpoint as ONNX (FP32, or W8A8 with
+explicit Q/DQ), a JSON spec, and a check of both files with onnxruntime.
+
+The graphs (`export/graphs.py`) take fixed-capacity pillars and ego inputs; `agent_inputs` and
+`ego_inputs` are the numpy code around them: padding a view's pillars to the capacity, and turning
+a delivery's poses into the sampling matrices of the warp.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from coperception.config import ExperimentConfig
+from coperception.datasets.collate import PreparedSample, views_batch
+from coperception.datasets.prepared import PreparedDataset
+from coperception.datasets.readers import build_dataset
+from coperception.datasets.voxelize import Voxels
+from coperception.errors import ConfigError, OutputError
+from coperception.export.graphs import AgentGraph, EgoGraph, ExportError, check_exportable
+from coperception.export.quant import Calibration, calibrate, quantize
+from coperception.grid import affine_to_source
+from coperception.io import write_json
+from coperception.pipeline.ego import Delivery
+from coperception.pipeline.session import CommSession
+
+OPSET = 18
+AGENT_INPUTS = ["voxels", "num_points", "coords"]
+EGO_INPUTS = ["features", "theta", "arrived", "age", "kind"]
+EGO_OUTPUTS = ["cls", "reg", "direction"]
+IN_NUMPY = ["voxelization and padding the pillars to the fixed capacity", "choosing the cells to send (threshold / top-k, "
+            "information filling)", "packet coding and the channel", "poses -> warp sampling matrices (theta)",
+            "box decoding and rotated NMS"]
+
+
+def pillar_capacity(cfg: ExperimentConfig) -> int:
+    """Pillars per view the agent graph takes: the evaluation voxel cap."""
+    return cfg.model.max_voxels_test or cfg.model.max_voxels
+
+
+def agent_inputs(voxels: Voxels, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One view's pillars padded to `capacity` slots (empty slots: 0 points) -> the agent graph's inputs."""
+    n = len(voxels.num_points)
+    if n > capacity:
+        raise ConfigError(f"{n} pillars exceed the agent graph's capacity of {capacity} (model.max_voxels_test)")
+    P, N, F = capacity, voxels.voxels.shape[1], voxels.voxels.shape[2]
+    vox = np.zeros((P, N, F), np.float32)
+    num = np.zeros(P, np.int32)
+    coords = np.zeros((P, 3), np.int32)
+    vox[:n], num[:n], coords[:n] = voxels.voxels, voxels.num_points, voxels.coords
+    return torch.from_numpy(vox), torch.from_numpy(num), torch.from_numpy(coords)
+
+
+def ego_inputs(delivery: Delivery, grid) -> tuple[torch.Tensor, ...]:
+    """A one-sample delivery -> the ego graph's inputs (poses become `affine_grid` matrices here)."""
+    if len(delivery.record_len) != 1:
+        raise ValueError("one sample per ego-graph call")
+    arrived = delivery.arrived if delivery.arrived is not None else \
+        torch.ones(delivery.features.shape[0], *delivery.features.shape[-2:], dtype=torch.bool)
+    theta = affine_to_source(delivery.T_ego_from_agent.float(), grid)
+    return (delivery.features.float().cpu(), theta.cpu(), arrived.cpu(), delivery.age.float().cpu(),
+            delivery.kind.long().cpu())
+
+
+def sample_inputs(model, cfg: ExperimentConfig, split: str, frames: int) -> Iterator[tuple[list, tuple]]:
+    """For the first `frames` samples of `split`: each view's agent-graph inputs and the ego-graph inputs
+    of what the ego received (through the configured comm session, with the torch model)."""
+    data = PreparedDataset(build_dataset(cfg.dataset, split), cfg.dataset, cfg.model,
+                           model.strategy.input_mode(False, cfg.cooperation.project_first))
+    from coperception.datasets.collate import Projector
+
+    session = CommSession(model.agent, model.confidence, cfg.comm,
+                          projector=Projector(cfg.dataset, cfg.model) if cfg.cooperation.project_first else None)
+    capacity = pillar_capacity(cfg)
+    for i in range(min(frames, len(data))):
+        p: PreparedSample = data[i]
+        encoded: list = []
+
+        def encode(views):
+            encoded.extend(views)
+            return model.encode(views_batch([views]))
+
+        with torch.no_grad():
+            delivery, _ = session.deliver(p, encode)
+        yield [agent_inputs(v.voxels, capacity) for v in encoded], ego_inputs(delivery, model.feature_grid)
+
+
+def _onnx_export(graph: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+                 dynamic_shapes: dict | None = None) -> None:
+    """Export to `path` atomically (a temporary file in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporter reports every torchvision op it skips
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(graph, args, tmp, dynamo=True, external_data=False, opset_version=OPSET,
+                              input_names=inputs, output_names=outputs, verbose=False, dynamic_shapes=dynamic_shapes)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(path, str(exc)) from None
+    finally:
+        quiet.setLevel(level)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def ort_session(path: str | Path):
+    """An onnxruntime CPU session for `path` (onnxruntime is the `export` extra)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("onnxruntime is not installed: pip install 'coperception-v2x[export]'") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_with_ort(graph: torch.nn.Module, path: Path, names: list[str], samples: list[tuple]) -> dict[str, float]:
+    """The torch graph against its ONNX file over `samples`: the largest absolute difference of the float
+    outputs and the fraction of integer outputs (codes) that differ (a cell halfway between two codes
+    may tip either way under a different summation order)."""
+    sess = ort_session(path)
+    worst, differing, total = 0.0, 0, 0
+    with torch.no_grad():
+        for args in samples:
+            ref = graph(*args)
+            got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
+            for r, g in zip(ref, got):
+                if r.dtype.is_floating_point:
+                    worst = max(worst, float(np.abs(r.numpy().astype(np.float64) - g.astype(np.float64)).max()))
+                else:
+                    differing += int((r.numpy() != g).sum())
+                    total += g.size
+    return {"max_abs_diff": worst, "integer_mismatch": differing / total if total else 0.0}
+
+
+def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path, int8: bool = False,
+                 calib_frames: int = 32, calibration: Calibration = "mse", check_frames: int = 4,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write `agent.onnx`, `ego.onnx` and `spec.json` to `out` for `checkpoint` (as `cfg` describes it);
+    with `int8`, W8A8 with explicit Q/DQ calibrated on `calib_frames` training frames. Both files are
+    run with onnxruntime on `check_frames` test frames and compared with the torch graphs."""
+    from coperception.pipeline.model import load_model
+
+    out = Path(out)
+    model = load_model(checkpoint, cfg, device="cpu")
+    check_exportable(model)
+    if int8 and type(model.ego.fusion).__name__ not in ("MaxFusion", "MeanFusion"):
+        raise ExportError(f"export --int8: fusion {type(model.ego.fusion).__name__} multiplies activations with "
+                          "activations, which the W8A8 path does not quantize yet; export it without --int8")
+    agent, ego = AgentGraph(model).eval(), EgoGraph(model).eval()
+    scales: dict[str, float] = {}
+    if int8:
+        agent, ego = quantize(agent), quantize(ego)
+        log(f"calibrating on {calib_frames} {cfg.dataset.train_split} frames ({calibration})")
+        calib = list(sample_inputs(model, cfg, cfg.dataset.train_split, calib_frames))
+        scales.update({f"agent.{k}": v for k, v in calibrate(agent, [a for views, _ in calib for a in views],
+                                                              calibration).items()})
+        scales.update({f"ego.{k}": v for k, v in calibrate(ego, [e for _, e in calib], calibration).items()})
+    checks = list(sample_inputs(model, cfg, cfg.dataset.eval_split, check_frames))
+    agent_example, ego_example = checks[0][0][0], checks[0][1]
+    t0 = time.perf_counter()
+    outputs = ["features", "confidence"] + (["codes"] if agent.quantizer is not None else [])
+    _onnx_export(agent, agent_example, out / "agent.onnx", AGENT_INPUTS, outputs)
+    agents = torch.export.Dim("agents", min=1, max=64)  # the ego graph takes any number of senders
+    _onnx_export(ego, ego_example, out / "ego.onnx", EGO_INPUTS, EGO_OUTPUTS,
+                 {name: {0: agents} for name in EGO_INPUTS})
+    log(f"exported in {time.perf_counter() - t0:.1f} s")
+    agent_diff = compare_with_ort(agent, out / "agent.onnx", AGENT_INPUTS, [a for views, _ in checks for a in views])
+    ego_diff = compare_with_ort(ego, out / "ego.onnx", EGO_INPUTS, [e for _, e in checks])
+    log(f"onnxruntime vs torch, largest absolute difference: agent graph {agent_diff['max_abs_diff']:.2e} (codes "
+        f"differing: {agent_diff['integer_mismatch']:.2%}), ego graph {ego_diff['max_abs_diff']:.2e}")
+    codec = model.agent.codec
+    digest = codec.digest()
+    spec = {
+        "checkpoint": str(checkpoint), "opset": OPSET, "precision": "int8 (W8A8, explicit Q/DQ)" if int8 else "fp32",
+        "agent_graph": {"file": "agent.onnx", "inputs": {
+            "voxels": ["P", cfg.model.max_points_per_voxel, 4, "float32"], "num_points": ["P", "int32"],
+            "coords": ["P", 3, "int32 (z, y, x) pillar indices; empty slots have num_points 0"]},
+            "outputs": outputs, "pillar_capacity": pillar_capacity(cfg)},
+        "ego_graph": {"file": "ego.onnx", "inputs": {
+            "features": ["L", model.encoders.out_channels, model.feature_grid.height, model.feature_grid.width, "float32"],
+            "theta": ["L", 2, 3, "float32, affine_grid matrix of each agent's warp (grid.affine_to_source)"],
+            "arrived": ["L", model.feature_grid.height, model.feature_grid.width, "bool"], "age": ["L", "float32 s"],
+            "kind": ["L", "int64 (0 vehicle, 1 rsu)"]}, "outputs": EGO_OUTPUTS, "agents_in_example": int(ego_example[0].shape[0])},
+        "feature_grid": vars(model.feature_grid), "codec": cfg.comm.codec,
+        "codebook_hash": digest.hex() if digest is not None else None,
+        "fusion": cfg.fusion.method, "in_numpy": IN_NUMPY,
+        "quantization": {"weights": "per output channel, symmetric, zero point 0", "activations": "per tensor, symmetric, "
+                         f"zero point 0, calibrated ({calibration}) on {calib_frames} training frames",
+                         "kept_in_float": [], "input_scales": scales} if int8 else None,
+        "onnxruntime_check": {"frames": len(checks), "agent": agent_diff, "ego": ego_diff},
+    }
+    write_json(out / "spec.json", spec)
+    return spec

@@ -1,0 +1,100 @@
+"""ONNX export: onnxruntime runs the FP32 graphs as torch does; the INT8 graphs follow TensorRT's
+explicit-quantization rules; what cannot be exported says what."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from coperception.cli import app
+from coperception.train import train
+
+from test_train import tiny_config
+
+onnx = pytest.importorskip("onnx")  # the `export` extra
+pytest.importorskip("onnxruntime")
+
+from coperception.export.checks import qdq_violations  # noqa: E402
+from coperception.export.graphs import ExportError  # noqa: E402
+from coperception.export.onnx import export_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def codebook_checkpoint(opv2v_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export_run")
+    cfg = tiny_config(opv2v_set, out, "cooperation.strategy=intermediate", "comm.codec=codebook", "comm.codebook.codes=16",
+                      "comm.selection.threshold=0.0", "comm.selection.top_k=40", "train.max_steps=2",
+                      "dataset.train_split=test")
+    train(cfg, progress=False)
+    return cfg, out / "last.pt"
+
+
+def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, tmp_path):
+    """Every view of the test split through the agent graph (over 20 runs) and every frame's delivery
+    through the ego graph, onnxruntime against torch."""
+    cfg, checkpoint = codebook_checkpoint
+    spec = export_model(checkpoint, cfg, tmp_path, check_frames=9, log=lambda _: None)
+    check = spec["onnxruntime_check"]
+    assert check["frames"] == 9
+    assert check["agent"]["max_abs_diff"] < 1e-4 and check["ego"]["max_abs_diff"] < 1e-4
+    assert check["agent"]["integer_mismatch"] < 0.01  # codes: only cells halfway between two codes may flip
+    assert spec["codebook_hash"] and spec["precision"] == "fp32"
+    assert qdq_violations(onnx.load(tmp_path / "agent.onnx"))  # FP32: nothing is quantized (the check can fail)
+
+
+def test_int8_graphs_follow_explicit_quantization_rules(codebook_checkpoint, tmp_path):
+    cfg, checkpoint = codebook_checkpoint
+    spec = export_model(checkpoint, cfg, tmp_path, int8=True, calib_frames=3, check_frames=2, log=lambda _: None)
+    for name in ("agent.onnx", "ego.onnx"):
+        model = onnx.load(tmp_path / name)
+        assert qdq_violations(model) == [], name
+        ops = {n.op_type for n in model.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert spec["quantization"]["input_scales"] and all(v > 0 for v in spec["quantization"]["input_scales"].values())
+    written = json.loads((tmp_path / "spec.json").read_text())
+    assert written["precision"].startswith("int8")
+
+
+def test_unsupported_models_fail_export_naming_what(opv2v_set, tmp_path):
+    cfg = tiny_config(opv2v_set, tmp_path / "none", "cooperation.strategy=none", "train.max_steps=1",
+                      "dataset.train_split=test")
+    train(cfg, progress=False)
+    with pytest.raises(ExportError, match="strategy 'none'"):
+        export_model(tmp_path / "none" / "last.pt", cfg, tmp_path / "x", log=lambda _: None)
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "none" / "last.pt"), "--out",
+                                      str(tmp_path / "y")])
+    assert result.exit_code == 2 and "intermediate" in result.output
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "none" / "last.pt"), "--out",
+                                      str(tmp_path / "y"), "--calibration", "guess"])
+    assert result.exit_code == 2 and "minmax" in result.output
+
+
+def test_tensorrt_missing_says_what_and_prints_trtexec(tmp_path):
+    from coperception.export.tensorrt import build_engines
+
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(ExportError, match="trtexec --onnx=.*agent.onnx --int8 --fp16"):
+            build_engines(tmp_path, int8=True)
+    else:  # pragma: no cover - only where TensorRT is installed
+        pytest.skip("TensorRT is installed here; the engine build is exercised by `coperception export --tensorrt`")
+
+
+def test_qdq_checker_names_a_per_tensor_weight():
+    """A Conv whose weight has one scale for the tensor breaks the per-channel rule."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 2, 1, 1), np.float32), "w")
+    one = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"]), helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w, one, zero])
+    problems = qdq_violations(helper.make_model(graph))
+    assert len(problems) == 1 and "one per output channel on axis 0" in problems[0]
