@@ -105,7 +105,9 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="A checkpoint written by `coperception train`."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by `coperception train`."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Instead of a checkpoint: a `coperception export` folder, "
+                                        "run with onnxruntime (its agent and ego graphs)."),
     split: Optional[str] = typer.Option(None, help="Split to evaluate (default: dataset.eval_split)."),
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment YAML (default: the one stored in "
                                           "the checkpoint)."),
@@ -126,6 +128,23 @@ def evaluate(
     from coperception.pipeline.model import load_model, method_label
 
     try:
+        if (checkpoint is None) == (onnx is None):
+            raise CoperceptionError("give either --checkpoint or --onnx")
+        if onnx is not None:
+            from coperception.export.runtime import OnnxRuntimeModel, load_export_config
+
+            cfg = load_config(config, overrides) if config is not None else load_export_config(onnx, overrides)
+            ort_model = OnnxRuntimeModel(onnx, cfg)
+            name = f"{method_label(cfg)}-onnx-{ort_model.spec['precision'].split()[0]}"
+            chosen = split or cfg.dataset.eval_split
+            entry = evaluate_method(ort_model, cfg, chosen, limit=limit)  # type: ignore[arg-type]
+            rep = report({name: entry}, f"{cfg.dataset.format}:{cfg.dataset.root}", chosen)
+            target = out or onnx / f"eval_{name}_{chosen}.json"
+            write_json(target, rep)
+            typer.echo(format_table(rep))
+            typer.echo(f"wrote {target}")
+            return
+        assert checkpoint is not None
         if config is not None:
             cfg = load_config(config, _with_device(overrides, device))
         else:

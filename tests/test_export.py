@@ -43,6 +43,16 @@ def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, tmp_path):
     assert check["agent"]["integer_mismatch"] < 0.01  # codes: only cells halfway between two codes may flip
     assert spec["codebook_hash"] and spec["precision"] == "fp32"
     assert qdq_violations(onnx.load(tmp_path / "agent.onnx"))  # FP32: nothing is quantized (the check can fail)
+    # the exported pipeline evaluates like the torch one: same messages on the wire, same AP
+    from coperception.evaluate import evaluate_method
+    from coperception.export.runtime import OnnxRuntimeModel, load_export_config
+    from coperception.pipeline.model import load_model
+
+    torch_entry = evaluate_method(load_model(checkpoint, cfg), cfg, "test", progress=False)
+    ort_entry = evaluate_method(OnnxRuntimeModel(tmp_path, load_export_config(tmp_path, [])), cfg, "test", progress=False)
+    assert ort_entry["bytes_per_frame"] == pytest.approx(torch_entry["bytes_per_frame"], rel=0.01)
+    for t in ("0.3", "0.5", "0.7"):
+        assert abs(ort_entry["ap"][t] - torch_entry["ap"][t]) < 0.01
 
 
 def test_int8_graphs_follow_explicit_quantization_rules(codebook_checkpoint, tmp_path):

@@ -108,8 +108,11 @@ class CodebookCodec(CellCodec):
                         codebook_hash=q.digest())
 
     def payload(self, vectors: torch.Tensor) -> dict[str, Any]:
-        return {"kind": MessageKind.CODES, "codes": self.quantizer.encode(vectors).cpu().numpy(),
-                "bits": self.quantizer.bits}
+        return self.payload_codes(self.quantizer.encode(vectors))
+
+    def payload_codes(self, codes: torch.Tensor) -> dict[str, Any]:
+        """(K, m, r) codes computed elsewhere (an exported agent graph) -> the payload fields."""
+        return {"kind": MessageKind.CODES, "codes": codes.cpu().numpy().astype(np.int64), "bits": self.quantizer.bits}
 
     def vectors(self, msg: Message) -> torch.Tensor:
         assert msg.codes is not None

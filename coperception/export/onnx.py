@@ -30,7 +30,7 @@ from coperception.errors import ConfigError, OutputError
 from coperception.export.graphs import AgentGraph, EgoGraph, ExportError, check_exportable
 from coperception.export.quant import Calibration, calibrate, quantize
 from coperception.grid import affine_to_source
-from coperception.io import write_json
+from coperception.io import atomic_write_bytes, write_json, write_yaml
 from coperception.pipeline.ego import Delivery
 from coperception.pipeline.session import CommSession
 
@@ -39,8 +39,8 @@ AGENT_INPUTS = ["voxels", "num_points", "coords"]
 EGO_INPUTS = ["features", "theta", "arrived", "age", "kind"]
 EGO_OUTPUTS = ["cls", "reg", "direction"]
 IN_NUMPY = ["voxelization and padding the pillars to the fixed capacity", "choosing the cells to send (threshold / top-k, "
-            "information filling)", "packet coding and the channel", "poses -> warp sampling matrices (theta)",
-            "box decoding and rotated NMS"]
+            "information filling)", "packet coding and the channel", "decoding received codes (a codebook lookup)",
+            "poses -> warp sampling matrices (theta)", "box decoding and rotated NMS"]
 
 
 def pillar_capacity(cfg: ExperimentConfig) -> int:
@@ -206,4 +206,10 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
         "onnxruntime_check": {"frames": len(checks), "agent": agent_diff, "ego": ego_diff},
     }
     write_json(out / "spec.json", spec)
+    write_yaml(out / "config.yaml", cfg.model_dump(mode="json"))  # what `eval --onnx` rebuilds the pipeline from
+    quantizer = getattr(codec, "quantizer", None)
+    if quantizer is not None:  # the receiver decodes codes with it
+        buf = io.BytesIO()
+        np.save(buf, quantizer.codebook.detach().cpu().numpy())
+        atomic_write_bytes(out / "codebook.npy", buf.getvalue())
     return spec

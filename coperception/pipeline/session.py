@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from coperception.comm.channel import Channel, Transmission, newest_arrived
-from coperception.comm.codecs import CellCodec, DenseCodec
+from coperception.comm.codecs import CellCodec, CodebookCodec, DenseCodec
 from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
@@ -39,6 +39,23 @@ from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.consistency import check_message, free_space
 from coperception.pipeline.ego import Delivery
+
+
+@dataclass
+class EncodedViews:
+    """What an agent-side encoder gives for some views: (n, C, H, W) features and, when it computes them
+    too (an exported agent graph), their (n, H, W) confidence and the codes of every cell (n, H*W, m, r)."""
+
+    features: torch.Tensor
+    confidence: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+
+
+Encoder = Callable[[list[AgentInput]], "torch.Tensor | EncodedViews"]
+
+
+def _encoded(out: "torch.Tensor | EncodedViews") -> EncodedViews:
+    return out if isinstance(out, EncodedViews) else EncodedViews(out)
 
 
 @dataclass
@@ -195,13 +212,18 @@ class CommSession:
         return self.agent.select(bits.view(self.grid.height, self.grid.width), conf[None], T)[0]
 
     def _message(self, codec: CellCodec, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float,
-                 pose: np.ndarray) -> Message:
+                 pose: np.ndarray, codes: torch.Tensor | None = None) -> Message:
+        """The wire message of the cells `mask` of `feats` (C, H, W); `codes` (H*W, m, r): every cell's
+        codes as the sender's encoder computed them (else the codec codes the selected features)."""
         cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
-        vectors = feats.flatten(1)[:, cells].T.contiguous()  # (N, C)
+        if codes is not None and isinstance(codec, CodebookCodec):
+            payload = codec.payload_codes(codes[cells.to(codes.device)])
+        else:
+            payload = codec.payload(feats.flatten(1)[:, cells].T.contiguous())  # (N, C) vectors
         self.sequence += 1
         extra = {"codebook_hash": self.codebook_hash} if self.codebook_hash is not None else {}
         return Message(sender=sender, sequence=self.sequence, capture_time=capture_time, pose=pose, grid=self.grid,
-                       cells=cells.cpu().numpy(), **codec.payload(vectors), **extra)
+                       cells=cells.cpu().numpy(), **payload, **extra)
 
     def _rebuild(self, codec: CellCodec, msg: Message, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decoded message -> (C, H, W) features (zeros where nothing arrived) and (H, W) arrived mask."""
@@ -229,19 +251,20 @@ class CommSession:
             FrameComm(sent, broadcast_bytes, {v.sender: v.age for v in views[1:]})
 
     @torch.no_grad()
-    def deliver(self, sample: PreparedSample, encode: Callable[[list[AgentInput]], torch.Tensor]
-                ) -> tuple[Delivery, FrameComm]:
+    def deliver(self, sample: PreparedSample, encode: Encoder) -> tuple[Delivery, FrameComm]:
         """What the ego holds at `sample`'s frame: its own features and, per sender, the newest message
-        that has arrived. `encode`: views -> (n, C, H, W) BEV features, each in its view's frame."""
+        that has arrived. `encode`: views -> (n, C, H, W) BEV features, each in its view's frame (or
+        `EncodedViews` with their confidence and codes)."""
         codec = self.codec
         scenario = sample.frame_key.split("/")[0]
         views = sample.agents
         ego_time = views[0].capture_time
         T_world_from_ego = views[0].T_world_from_agent
-        ego_feats = encode([views[0]])
+        ego = _encoded(encode([views[0]]))
+        ego_conf = ego.confidence if ego.confidence is not None else self.confidence(ego.features)
         broadcast_bytes = 0
         if self.broadcasting and len(views) > 1:
-            broadcast_bytes = self._broadcast(scenario, views, self.confidence(ego_feats)[0])
+            broadcast_bytes = self._broadcast(scenario, views, ego_conf[0])
         encoded, heard, ready, poses = [views[0]], [], [], []
         processing = self.cfg.channel.processing_ms / 1e3
         for view in views[1:]:
@@ -251,18 +274,25 @@ class CommSession:
             heard.append(msg)
             ready.append(t_ready + (processing if projected else 0.0))  # a projecting sender encodes after it heard
             poses.append(pose)
-        feats = torch.cat([ego_feats, encode(encoded[1:])]) if len(encoded) > 1 else ego_feats
+        others = _encoded(encode(encoded[1:])) if len(encoded) > 1 else None
+        feats = torch.cat([ego.features, others.features]) if others is not None else ego.features
         if isinstance(codec, DenseCodec):
             return self._whole(codec, feats, encoded, poses, broadcast_bytes)
         assert isinstance(codec, CellCodec)
-        conf = self.confidence(feats)
+        if others is None:
+            conf = ego_conf
+        else:
+            conf = torch.cat([ego_conf, others.confidence if others.confidence is not None
+                              else self.confidence(others.features)])
         delivered = {}
         for k, view in enumerate(encoded[1:]):
             sent, mask = feats[k + 1], self._select(conf[k + 1], heard[k], poses[k])
+            codes = others.codes[k] if others is not None and others.codes is not None else None
             if self.attack is not None and self.attack.attacks(k + 1):
                 ego_x, ego_y = (float(v) for v in invert(view.T_ego_from_frame)[:2, 3])
                 sent, mask = self.attack(sent, conf[k + 1], mask, self.grid, (ego_x, ego_y))
-            msg = self._message(codec, sent, mask, view.sender, view.capture_time, poses[k])
+                codes = None  # the lies are coded from the forged features
+            msg = self._message(codec, sent, mask, view.sender, view.capture_time, poses[k], codes)
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
             tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time, ready[k])  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
