@@ -221,6 +221,37 @@ def bench_comm_command(
         _fail(exc)
 
 
+@bench_app.command("latency")
+def bench_latency_command(
+    checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_8x2x256/last.pt"), help="The torch FP32 model "
+                                    "(its stored config is used)."),
+    onnx: list[Path] = typer.Option([], "--onnx", help="Export folders to time (repeat: an FP32 and an INT8 one)."),
+    out: Path = typer.Option(Path("outputs/bench"), help="Report folder (latency.json)."),
+    runs: int = typer.Option(100, help="Timed runs per stage (after 5 warm-up runs)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
+) -> None:
+    """Milliseconds per stage for torch FP32 and each ONNX export, and the system latency (compute plus the
+    transmission of the real bytes at comm.channel.bandwidth_mbps)."""
+    from coperception.checkpoint import load_checkpoint
+    from coperception.config import config_from_dict
+    from coperception.export.latency import bench_latency
+    from coperception.io import read_json
+
+    try:
+        stored = load_checkpoint(checkpoint).get("config")
+        if not isinstance(stored, dict):
+            raise CoperceptionError(f"{checkpoint}: holds no config")
+        cfg = config_from_dict(stored, [*overrides, "train.device=cpu"], f"{checkpoint} (stored config)")
+        names = {}
+        for folder in onnx:
+            precision = read_json(folder / "spec.json")["precision"].split()[0]
+            names[f"ort_{precision}" if f"ort_{precision}" not in names else f"ort_{precision}_{folder.name}"] = folder
+        bench_latency(cfg, checkpoint, names, out, runs=runs, log=typer.echo)
+    except CoperceptionError as exc:
+        _fail(exc)
+    typer.echo(f"wrote {out / 'latency.json'}")
+
+
 @bench_app.command("attack")
 def bench_attack_command(
     checkpoints: list[Path] = typer.Option([Path("outputs/demo/train/max/best.pt")], "--checkpoint",

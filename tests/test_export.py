@@ -32,11 +32,18 @@ def codebook_checkpoint(opv2v_set, tmp_path_factory):
     return cfg, out / "last.pt"
 
 
-def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def fp32_export(codebook_checkpoint, tmp_path_factory):
+    cfg, checkpoint = codebook_checkpoint
+    folder = tmp_path_factory.mktemp("fp32_export")
+    return folder, export_model(checkpoint, cfg, folder, check_frames=9, log=lambda _: None)
+
+
+def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, fp32_export):
     """Every view of the test split through the agent graph (over 20 runs) and every frame's delivery
     through the ego graph, onnxruntime against torch."""
     cfg, checkpoint = codebook_checkpoint
-    spec = export_model(checkpoint, cfg, tmp_path, check_frames=9, log=lambda _: None)
+    tmp_path, spec = fp32_export
     check = spec["onnxruntime_check"]
     assert check["frames"] == 9
     assert check["agent"]["max_abs_diff"] < 1e-4 and check["ego"]["max_abs_diff"] < 1e-4
@@ -53,6 +60,20 @@ def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, tmp_path):
     assert ort_entry["bytes_per_frame"] == pytest.approx(torch_entry["bytes_per_frame"], rel=0.01)
     for t in ("0.3", "0.5", "0.7"):
         assert abs(ort_entry["ap"][t] - torch_entry["ap"][t]) < 0.01
+
+
+def test_latency_bench_reports_every_stage(codebook_checkpoint, fp32_export, tmp_path):
+    from coperception.export.latency import bench_latency
+
+    cfg, checkpoint = codebook_checkpoint
+    rep = bench_latency(cfg, checkpoint, {"ort_fp32": fp32_export[0]}, tmp_path, runs=2, warmup=1, log=lambda _: None)
+    for engine in ("torch_fp32", "ort_fp32"):
+        e = rep["engines"][engine]
+        assert set(e["stages"]) == {"agent_graph", "select_serialize", "decode", "ego_graph", "nms"}
+        assert e["bytes"] > 0 and e["transmission_ms"] == pytest.approx(e["bytes"] * 8 / 27e6 * 1e3)
+        assert e["system_latency_ms"] > e["stages"]["agent_graph"]["median_ms"]
+    assert rep["engines"]["ort_fp32"]["bytes"] == rep["engines"]["torch_fp32"]["bytes"]  # the same message
+    assert (tmp_path / "latency.json").is_file()
 
 
 def test_int8_graphs_follow_explicit_quantization_rules(codebook_checkpoint, tmp_path):
