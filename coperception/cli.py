@@ -370,6 +370,8 @@ viz_app = typer.Typer(no_args_is_help=True, help="Pictures: BEV frames, animatio
 app.add_typer(viz_app, name="viz")
 VIZ_CONFIG = typer.Option(Path("configs/synthetic.yaml"), "--config", help="Experiment YAML (dataset, and the "
                           "cooperation a --checkpoint is evaluated with).")
+VIZ_INDEX = typer.Option(None, "--index", help="Frame index in the split (default: the middle one).")
+VIZ_SPLIT = typer.Option(None, help="Split (default: dataset.eval_split).")
 VIZ_PREDICTIONS = typer.Option(None, "--predictions", help="A `coperception eval --save-predictions` file.")
 VIZ_CHECKPOINT = typer.Option(None, "--checkpoint", help="Evaluate this checkpoint up to the frame instead.")
 VIZ_RANGE = typer.Option(None, "--range", help="Zoom: x0,y0,x1,y1 in metres of the ego frame (default: "
@@ -388,11 +390,24 @@ def _viz_range(text: str | None, full: bool, cfg) -> list[float] | None:
     return values
 
 
+def _one_view(config: Path, overrides: list[str], split: str | None, index: int | None, predictions: Path | None,
+              checkpoint: Path | None):
+    """The config and the `FrameView` of frame `index` (default: the middle one) of `split`."""
+    from coperception.config import load_config
+    from coperception.datasets.readers import build_dataset
+    from coperception.viz.frames import load_views
+
+    cfg = load_config(config, overrides)
+    chosen = split or cfg.dataset.eval_split
+    at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
+    return cfg, load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+
+
 @viz_app.command("frame")
 def viz_frame(
     out: Path = typer.Option(..., "--out", help="Picture to write (.png or .svg)."),
-    index: Optional[int] = typer.Option(None, "--index", help="Frame index in the split (default: the middle one)."),
-    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    index: Optional[int] = VIZ_INDEX,
+    split: Optional[str] = VIZ_SPLIT,
     config: Path = VIZ_CONFIG,
     predictions: Optional[Path] = VIZ_PREDICTIONS,
     checkpoint: Optional[Path] = VIZ_CHECKPOINT,
@@ -404,16 +419,10 @@ def viz_frame(
 ) -> None:
     """One BEV frame: every agent's points, poses and links, the cells each sender sent (bytes, age), ground
     truth and predictions coloured by match (true positive, false positive, missed) with scores."""
-    from coperception.config import load_config
-    from coperception.datasets.readers import build_dataset
     from coperception.viz.bev import render_frame, save_figure
-    from coperception.viz.frames import load_views
 
     try:
-        cfg = load_config(config, overrides)
-        chosen = split or cfg.dataset.eval_split
-        at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
-        view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+        cfg, view = _one_view(config, overrides, split, index, predictions, checkpoint)
         save_figure(render_frame(view, _viz_range(view_range, full, cfg), iou, cfg.dataset.eval_range,
                                  cfg.dataset.gt_range(), dpi=dpi), out)
     except CoperceptionError as exc:
@@ -456,8 +465,8 @@ def viz_animate(
 @viz_app.command("3d")
 def viz_3d(
     out: Path = typer.Option(..., "--out", help="Picture to write (.png)."),
-    index: Optional[int] = typer.Option(None, "--index", help="Frame index in the split (default: the middle one)."),
-    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    index: Optional[int] = VIZ_INDEX,
+    split: Optional[str] = VIZ_SPLIT,
     config: Path = VIZ_CONFIG,
     predictions: Optional[Path] = VIZ_PREDICTIONS,
     checkpoint: Optional[Path] = VIZ_CHECKPOINT,
@@ -467,16 +476,10 @@ def viz_3d(
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """A 3D view of one frame: points by agent, boxes as line sets coloured by match."""
-    from coperception.config import load_config
-    from coperception.datasets.readers import build_dataset
-    from coperception.viz.frames import load_views
     from coperception.viz.views import render_3d
 
     try:
-        cfg = load_config(config, overrides)
-        chosen = split or cfg.dataset.eval_split
-        at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
-        view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+        cfg, view = _one_view(config, overrides, split, index, predictions, checkpoint)
         zoom = _viz_range(view_range, False, cfg) if view_range else None
         drawn = render_3d(view, out, zoom, eval_range=cfg.dataset.eval_range, gt_range=cfg.dataset.gt_range(),
                           engine=engine)
@@ -489,24 +492,18 @@ def viz_3d(
 def viz_camera(
     out: Path = typer.Option(..., "--out", help="Picture to write (.png or .svg)."),
     camera: int = typer.Option(0, help="The ego's camera index."),
-    index: Optional[int] = typer.Option(None, "--index", help="Frame index in the split (default: the middle one)."),
-    split: Optional[str] = typer.Option(None, help="Split (default: dataset.eval_split)."),
+    index: Optional[int] = VIZ_INDEX,
+    split: Optional[str] = VIZ_SPLIT,
     config: Path = VIZ_CONFIG,
     predictions: Optional[Path] = VIZ_PREDICTIONS,
     checkpoint: Optional[Path] = VIZ_CHECKPOINT,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """The ego's camera image with ground truth and predictions projected into it."""
-    from coperception.config import load_config
-    from coperception.datasets.readers import build_dataset
-    from coperception.viz.frames import load_views
     from coperception.viz.views import render_camera
 
     try:
-        cfg = load_config(config, overrides)
-        chosen = split or cfg.dataset.eval_split
-        at = index if index is not None else len(build_dataset(cfg.dataset, chosen)) // 2
-        view = load_views(cfg, chosen, [at], predictions, checkpoint)[0]
+        cfg, view = _one_view(config, overrides, split, index, predictions, checkpoint)
         render_camera(view, camera, out, eval_range=cfg.dataset.eval_range, gt_range=cfg.dataset.gt_range())
     except CoperceptionError as exc:
         _fail(exc)
