@@ -28,7 +28,7 @@ from coperception.datasets.readers import build_dataset
 from coperception.datasets.voxelize import Voxels
 from coperception.errors import ConfigError, OutputError
 from coperception.export.graphs import AgentGraph, EgoGraph, ExportError, check_exportable
-from coperception.export.quant import Calibration, calibrate, quantize
+from coperception.export.quant import KEEP_FLOAT, Calibration, calibrate, quantize
 from coperception.grid import affine_to_source
 from coperception.io import atomic_write_bytes, write_json, write_yaml
 from coperception.pipeline.ego import Delivery
@@ -202,7 +202,10 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
         "fusion": cfg.fusion.method, "in_numpy": IN_NUMPY,
         "quantization": {"weights": "per output channel, symmetric, zero point 0", "activations": "per tensor, symmetric, "
                          f"zero point 0, calibrated ({calibration}) on {calib_frames} training frames",
-                         "kept_in_float": [], "input_scales": scales} if int8 else None,
+                         "kept_in_float": [{"layer": f"agent.{name}", "why": "its input mixes absolute x/y of up to the "
+                                            "range with centimetre offsets; one INT8 scale erases the offsets"}
+                                           for name in KEEP_FLOAT],
+                         "input_scales": scales} if int8 else None,
         "onnxruntime_check": {"frames": len(checks), "agent": agent_diff, "ego": ego_diff},
     }
     write_json(out / "spec.json", spec)

@@ -172,13 +172,22 @@ class QuantCodeSearch(nn.Module):
         return torch.stack(codes, dim=-1)
 
 
-def quantize(graph: nn.Module) -> nn.Module:
+# The pillar feature net's input mixes absolute x/y (up to the range, ~100 m) with offsets of a few
+# centimetres in one tensor: one INT8 scale for all of it erases the offsets, so it stays in float
+# (10 -> 64 channels per point, a small share of the agent graph's work).
+KEEP_FLOAT = ("encoder.pfn.linear",)
+
+
+def quantize(graph: nn.Module, keep_float: tuple[str, ...] = KEEP_FLOAT) -> nn.Module:
     """A W8A8 copy of an export graph: batch norms folded, every Conv/ConvTranspose/Linear wrapped in a
-    `QuantLayer`, an agent graph's codebook search replaced by `QuantCodeSearch`. Calibrate it before use."""
+    `QuantLayer` except the modules named in `keep_float`, an agent graph's codebook search replaced by
+    `QuantCodeSearch`. Calibrate it before use."""
     graph = fold_batchnorm(graph)
-    for parent in list(graph.modules()):
+    for parent_name, parent in list(graph.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and not isinstance(parent, QuantLayer):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)) and not isinstance(parent, QuantLayer) \
+                    and full not in keep_float:
                 setattr(parent, name, QuantLayer(child))
     if getattr(graph, "quantizer", None) is not None:
         graph.quantizer = _CodeSearchAdapter(QuantCodeSearch(graph.quantizer))
