@@ -149,7 +149,7 @@ def compare_with_ort(graph: torch.nn.Module, path: Path, names: list[str], sampl
 
 
 def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path, int8: bool = False,
-                 calib_frames: int = 32, calibration: Calibration = "mse", check_frames: int = 4,
+                 calib_frames: int = 32, calibration: Calibration = "percentile", check_frames: int = 4,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Write `agent.onnx`, `ego.onnx` and `spec.json` to `out` for `checkpoint` (as `cfg` describes it);
     with `int8`, W8A8 with explicit Q/DQ calibrated on `calib_frames` training frames. Both files are

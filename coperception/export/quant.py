@@ -206,7 +206,7 @@ class _CodeSearchAdapter(nn.Module):
 
 
 @torch.no_grad()
-def calibrate(graph: nn.Module, inputs: Iterable[tuple[torch.Tensor, ...]], method: Calibration = "mse",
+def calibrate(graph: nn.Module, inputs: Iterable[tuple[torch.Tensor, ...]], method: Calibration = "percentile",
               progress: Callable[[Iterable], Iterable] = lambda x: x) -> dict[str, float]:
     """Run the FP32 path of a `quantize`d graph over `inputs`, then set every input scale by `method`.
     Returns the scales by layer name."""
