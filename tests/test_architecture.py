@@ -2,7 +2,7 @@
 
 base (geometry, grid, config, io, errors, registry, checkpoint, core types) <- stage packages
 (datasets, models, comm, fusion, eval: none imports another) <- the composition layer (pipeline)
-<- applications (train, evaluate, bench, demo, viz, cli). Imports under `if TYPE_CHECKING:` are
+<- applications (train, evaluate, bench, demo, viz, export, cli). Imports under `if TYPE_CHECKING:` are
 annotations only and do not count; imports inside functions do.
 """
 
@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "coperception"
 BASE = {"coperception", "errors", "io", "geometry", "grid", "registry", "config", "checkpoint", "types", "device"}
 STAGES = {"datasets", "models", "comm", "fusion", "eval"}
 COMPOSITION = {"pipeline"}
-APPS = {"train", "evaluate", "bench", "demo", "viz", "cli", "__main__"}
+APPS = {"train", "evaluate", "bench", "demo", "viz", "export", "cli", "__main__"}
 LAYER_NAMES = ("base", "stage", "composition", "application")
 
 
