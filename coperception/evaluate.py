@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from coperception.config import ExperimentConfig
-from coperception.datasets.collate import Projector, collate
+from coperception.datasets.collate import collate
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import PreparedDataset
 from coperception.datasets.readers import build_dataset
@@ -56,8 +56,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     model.eval()
     session = None
     if model.agent is not None:
-        session = CommSession(model.agent, model.confidence, cfg.comm, attack=attack,
-                              projector=Projector(cfg.dataset, cfg.model) if cfg.cooperation.project_first else None)
+        session = CommSession.for_config(model.agent, model.confidence, cfg, attack)
     sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
@@ -116,9 +115,8 @@ def save_predictions(path: str | Path, entry: dict[str, Any], grid: BEVGrid | No
                              "T_ego_from_frame": np.round(h.T_ego_from_frame, 6).tolist(), "bytes": int(h.bytes),
                              "age_s": float(h.age_s)} for h in f.held]}
               for f in entry["_detections"]]
-    grid_json = None if grid is None else {"x_min": grid.x_min, "y_min": grid.y_min, "cell": grid.cell,
-                                           "height": grid.height, "width": grid.width}
-    write_json(path, {"method": entry["params"]["method"], "grid": grid_json, "frames": frames})
+    write_json(path, {"method": entry["params"]["method"], "grid": None if grid is None else asdict(grid),
+                      "frames": frames})
 
 
 def load_predictions(path: str | Path) -> tuple[str, BEVGrid | None, dict[str, FramePrediction]]:

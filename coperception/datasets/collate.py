@@ -11,7 +11,7 @@ Which agents' points are encoded, and in which frame, depends on the cooperation
   true pose (there is no channel in training);
 - `senders_project`: the views of `all`, with each sender's raw points kept (`AgentInput.points`):
   at evaluation the comm session projects them into the ego pose the sender received from the ego's
-  broadcast (`project_into`), or keeps the own-frame view when it has received none.
+  broadcast (`Projector`), or keeps the own-frame view when it has received none.
 Each agent's points are lifted to the ego's height datum (z + height of the agent above the
 ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
 """

@@ -52,7 +52,7 @@ def bench_latency(cfg: ExperimentConfig, checkpoint: str | Path, exports: dict[s
     index = len(data) // 2 if frame is None else frame
     sample = data[index]
     prepared = prepare_sample(sample, "all", cfg.dataset, cfg.model)
-    ego, sender = prepared.agents[0], prepared.agents[1]
+    sender = prepared.agents[1]
     codec, grid = model.agent.codec, model.feature_grid
     threshold = cfg.comm.selection.threshold if cfg.comm.selection.threshold is not None else 0.0
     mbps = cfg.comm.channel.bandwidth_mbps

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import asdict
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -77,10 +78,7 @@ def sample_inputs(model, cfg: ExperimentConfig, split: str, frames: int) -> Iter
     of what the ego received (through the configured comm session, with the torch model)."""
     data = PreparedDataset(build_dataset(cfg.dataset, split), cfg.dataset, cfg.model,
                            model.strategy.input_mode(False, cfg.cooperation.project_first))
-    from coperception.datasets.collate import Projector
-
-    session = CommSession(model.agent, model.confidence, cfg.comm,
-                          projector=Projector(cfg.dataset, cfg.model) if cfg.cooperation.project_first else None)
+    session = CommSession.for_config(model.agent, model.confidence, cfg)
     capacity = pillar_capacity(cfg)
     for i in range(min(frames, len(data))):
         p: PreparedSample = data[i]
@@ -197,7 +195,7 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
             "theta": ["L", 2, 3, "float32, affine_grid matrix of each agent's warp (grid.affine_to_source)"],
             "arrived": ["L", model.feature_grid.height, model.feature_grid.width, "bool"], "age": ["L", "float32 s"],
             "kind": ["L", "int64 (0 vehicle, 1 rsu)"]}, "outputs": EGO_OUTPUTS, "agents_in_example": int(ego_example[0].shape[0])},
-        "feature_grid": vars(model.feature_grid), "codec": cfg.comm.codec,
+        "feature_grid": asdict(model.feature_grid), "codec": cfg.comm.codec,
         "codebook_hash": digest.hex() if digest is not None else None,
         "fusion": cfg.fusion.method, "in_numpy": IN_NUMPY,
         "quantization": {"weights": "per output channel, symmetric, zero point 0", "activations": "per tensor, symmetric, "

@@ -30,7 +30,7 @@ from coperception.comm.codecs import CellCodec, CodebookCodec, DenseCodec
 from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
-from coperception.config import CommConfig
+from coperception.config import CommConfig, ExperimentConfig
 from coperception.errors import ConfigError
 from coperception.datasets.collate import AgentInput, PreparedSample, Projector
 from coperception.datasets.voxelize import pillar_points
@@ -94,6 +94,14 @@ class CommSession:
     projector: Projector | None = None  # project_first: senders project their points into the ego pose they heard
     # per (scenario, receiving sender): the ego's broadcasts sent to it
     broadcasts: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
+
+    @classmethod
+    def for_config(cls, agent: AgentSide, confidence: Callable[[torch.Tensor], torch.Tensor], cfg: ExperimentConfig,
+                   attack: GhostAttack | None = None) -> "CommSession":
+        """The session `cfg` describes: its comm section and, with `cooperation.project_first`, senders
+        that project their points into the ego pose they received."""
+        projector = Projector(cfg.dataset, cfg.model) if cfg.cooperation.project_first else None
+        return cls(agent, confidence, cfg.comm, attack=attack, projector=projector)
 
     def __post_init__(self) -> None:
         self.codec = self.agent.codec

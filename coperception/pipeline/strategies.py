@@ -27,7 +27,7 @@ from coperception.registry import Registry
 from coperception.types import AgentBatch
 
 if TYPE_CHECKING:
-    from coperception.pipeline.session import CommSession, HeldMessage
+    from coperception.pipeline.session import CommSession, EncodedViews, HeldMessage
 
 
 class CooperativeParts(Protocol):
@@ -166,7 +166,7 @@ class IntermediateFusion(Strategy):
             raise ValueError("intermediate cooperation delivers its messages through a CommSession")
         device = model.anchors.device
 
-        def encode(views: list[AgentInput]) -> torch.Tensor:
+        def encode(views: list[AgentInput]) -> "torch.Tensor | EncodedViews":  # an exported model also gives confidence, codes
             return model.encode(views_batch([views]).to(device))
 
         # sample by sample: the ego encodes and broadcasts first, each sender encodes what it made of

@@ -24,7 +24,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 from coperception.datasets.collate import sender_id  # noqa: E402
 from coperception.datasets.types import CooperativeSample  # noqa: E402
-from coperception.eval.ap import match_boxes  # noqa: E402
+from coperception.eval.ap import BoxMatches, match_boxes  # noqa: E402
 from coperception.geometry import bev_corners, transform_points  # noqa: E402
 from coperception.grid import BEVGrid  # noqa: E402
 from coperception.io import atomic_write_bytes  # noqa: E402
@@ -122,7 +122,7 @@ def render_frame(view: FrameView, view_range: Sequence[float] | None, iou: float
         legend.append(Line2D([], [], marker="^" if agent.kind == "vehicle" else "s", color=colour, linestyle="none",
                              markeredgecolor="black", label=f"{'ego ' if k == 0 else ''}{agent.kind} {agent.agent_id}"))
     # ground truth and predictions by match
-    m = match_boxes(view.boxes, view.scores, sample.gt_boxes, iou, eval_range or _full(sample), gt_range)
+    m = frame_matches(view, iou, eval_range, gt_range)
     gt = np.asarray(sample.gt_boxes).reshape(-1, 7)
     _draw_boxes(ax, gt[~m.gt_kept], MATCH_COLOURS["ignored"], 0.8)
     _draw_boxes(ax, gt[m.gt_kept & m.gt_matched], MATCH_COLOURS["tp"], 1.6)
@@ -182,9 +182,13 @@ def _xy_range(r: Sequence[float] | None) -> tuple[float, float, float, float] | 
     return (r[0], r[1], r[3], r[4]) if len(r) == 6 else (r[0], r[1], r[2], r[3])
 
 
-def _full(sample: CooperativeSample) -> list[float]:
-    """No eval range given: everything counts."""
-    return [-1e9, -1e9, -1e9, 1e9, 1e9, 1e9]
+EVERYTHING = [-1e9, -1e9, -1e9, 1e9, 1e9, 1e9]  # no eval range given: every box counts
+
+
+def frame_matches(view: FrameView, iou: float, eval_range: Sequence[float] | None = None,
+                  gt_range: Sequence[float] | None = None) -> BoxMatches:
+    """The AP protocol's matching of `view`'s predictions and ground truth (what the pictures colour)."""
+    return match_boxes(view.boxes, view.scores, view.sample.gt_boxes, iou, eval_range or EVERYTHING, gt_range)
 
 
 def _agent_index(sample: CooperativeSample, sender: int) -> int | None:

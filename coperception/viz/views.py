@@ -14,9 +14,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from coperception.errors import ConfigError, DataFormatError  # noqa: E402
-from coperception.eval.ap import match_boxes  # noqa: E402
 from coperception.geometry import boxes_to_corners, transform_points  # noqa: E402
-from coperception.viz.bev import MATCH_COLOURS, FrameView, agent_colour, save_figure  # noqa: E402
+from coperception.viz.bev import MATCH_COLOURS, FrameView, agent_colour, frame_matches, save_figure  # noqa: E402
 
 # the 12 edges of a box in the corner order of `geometry.boxes_to_corners`
 BOX_EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0, 4), (1, 5), (2, 6), (3, 7)]
@@ -25,8 +24,7 @@ BOX_EDGES = [(0, 1), (1, 2), (2, 3), (3, 0), (4, 5), (5, 6), (6, 7), (7, 4), (0,
 def _coloured_boxes(view: FrameView, iou: float, eval_range: Sequence[float] | None,
                     gt_range: Sequence[float] | None) -> list[tuple[np.ndarray, str, str]]:
     """(boxes, colour, line style) groups: GT detected / missed, predictions TP / FP."""
-    everything = [-1e9, -1e9, -1e9, 1e9, 1e9, 1e9]
-    m = match_boxes(view.boxes, view.scores, view.sample.gt_boxes, iou, eval_range or everything, gt_range)
+    m = frame_matches(view, iou, eval_range, gt_range)
     gt, boxes = np.asarray(view.sample.gt_boxes).reshape(-1, 7), np.asarray(view.boxes).reshape(-1, 7)
     return [(gt[m.gt_kept & m.gt_matched], MATCH_COLOURS["tp"], "-"), (gt[m.gt_kept & ~m.gt_matched], MATCH_COLOURS["missed"], "-"),
             (boxes[m.true_positive], MATCH_COLOURS["tp"], "--"), (boxes[m.evaluated & ~m.true_positive], MATCH_COLOURS["fp"], "--")]
