@@ -281,12 +281,26 @@ LEGACY_METHODS = {
 }
 
 
+class MotionSettings(Strict):
+    """Motion compensation of late messages (`fusion/motion.py`): senders track their own detections and
+    send the moving ones' velocities; the ego moves each message forward by its age before fusing."""
+
+    enabled: bool = False
+    min_speed_mps: float = Field(1.0, ge=0)  # slower objects are not sent (they would not move a cell)
+    max_speed_mps: float = Field(40.0, gt=0)  # the matching gate between a sender's frames
+    smoothing: float = Field(0.5, gt=0, le=1)  # weight of the newest frame in a track's velocity
+    max_gap_s: float = Field(0.35, gt=0)  # a longer gap between a sender's frames restarts its tracks
+    margin_m: float = Field(0.5, ge=0)  # footprints grow by this much on every side
+
+
 class FusionConfig(Strict):
     """The feature fusion of intermediate cooperation (`max`, `mean`, `attention`, ...) and its
-    hyperparameters (`options`, checked against the fusion's own settings)."""
+    hyperparameters (`options`, checked against the fusion's own settings); `motion`: motion
+    compensation of late messages, for any fusion."""
 
     method: str = "max"
     options: dict[str, Any] = Field(default_factory=dict)
+    motion: MotionSettings = Field(default_factory=MotionSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -332,6 +346,11 @@ class TrainConfig(Strict):
     # ego detects when no message arrives), next to the loss on the fused features (single-agent
     # supervision as in CoAlign/HEAL); trains the fallback path at every step for one extra head pass
     ego_loss_weight: float = Field(0.0, ge=0)
+    # intermediate cooperation: with probability `delay_probability` a training sample's senders come from
+    # 1..`delay_frames` frames before the ego's (their points and pose of then, the age they really have),
+    # so the fusion learns from messages as old as a late channel delivers them (0: always the ego's frame)
+    delay_frames: int = Field(0, ge=0)
+    delay_probability: float = Field(0.5, ge=0, le=1)
 
 
 class EvalConfig(Strict):

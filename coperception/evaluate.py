@@ -56,7 +56,9 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     model.eval()
     session = None
     if model.agent is not None:
-        session = CommSession.for_config(model.agent, model.confidence, cfg, attack)
+        session = CommSession.for_config(
+            model.agent, model.confidence, cfg, attack, model.sent_uncertainty if model.uncertainty is not None else None,
+            lambda feats: model.boxes(feats, cfg.eval.score_threshold, cfg.eval.nms_threshold))
     sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()

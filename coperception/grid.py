@@ -63,11 +63,20 @@ def affine_to_source(T_dst_from_src: torch.Tensor, grid: BEVGrid) -> torch.Tenso
     return torch.cat([A, b[..., None]], dim=-1).float().to(T_dst_from_src.device)
 
 
+def sampling_grid(T_dst_from_src: torch.Tensor, grid: BEVGrid, device: torch.device | str) -> torch.Tensor:
+    """(N, H, W, 2) where each destination cell centre lies in each source grid, as `grid_sample`
+    coordinates (x, y in [-1, 1] across the grid)."""
+    theta = affine_to_source(T_dst_from_src, grid).to(device)
+    return F.affine_grid(theta, [theta.shape[0], 1, grid.height, grid.width], align_corners=False)
+
+
+def sample(values: torch.Tensor, sampling: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """(N, C, H, W) read at `sampling` (N, H, W, 2), zeros outside the source grid."""
+    return F.grid_sample(values, sampling.to(values.dtype), mode=mode, padding_mode="zeros", align_corners=False)
+
+
 def warp(values: torch.Tensor, T_dst_from_src: torch.Tensor, grid: BEVGrid, mode: str = "bilinear") -> torch.Tensor:
     """Maps (N, C, H, W) on `grid` in their source frames -> the destination frames, zeros where a
     destination cell falls outside the source grid. An identity transform samples cell centres
     exactly, so it returns the input unchanged."""
-    N, C, H, W = values.shape
-    theta = affine_to_source(T_dst_from_src, grid).to(values.device)
-    sampling = F.affine_grid(theta, [N, C, H, W], align_corners=False)
-    return F.grid_sample(values, sampling, mode=mode, padding_mode="zeros", align_corners=False)
+    return sample(values, sampling_grid(T_dst_from_src, grid, values.device), mode)

@@ -30,6 +30,7 @@ from coperception.errors import ConfigError, OutputError
 from coperception.evaluate import evaluate_method
 from coperception.io import read_json, write_json, write_yaml
 from coperception.models.losses import LossWeights, detection_loss
+from coperception.models.uncertainty import uncertainty_loss
 from coperception.pipeline.model import (CooperativeModel, architecture, build_model, fit_codebook, init_weights,
                                          method_label, saved_architecture)
 from coperception.pipeline.strategies import TrainOutput
@@ -68,6 +69,12 @@ def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights
         alone = detection_loss(out.ego_alone, targets.labels, targets.residuals, targets.direction, weights)
         losses["total"] = losses["total"] + ego_loss_weight * alone["total"]
         losses["ego_alone"] = alone["total"].detach()
+    if out.uncertainty is not None:
+        u = out.uncertainty
+        term = uncertainty_loss(u.logits, u.log_var, u.head, targets.labels[u.sample], targets.residuals[u.sample],
+                                weights.focal_alpha, weights.focal_gamma)
+        losses["total"] = losses["total"] + term
+        losses["uncertainty"] = term.detach()
     return losses
 
 
@@ -115,7 +122,8 @@ class Trainer:
         self.val_set = self.open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and self.ddp.main else None
         mode = model.strategy.input_mode(training=True, project_first=cfg.cooperation.project_first)
         self.data = PreparedDataset(self.train_set, cfg.dataset, cfg.model, mode, model.assigner, cfg.train.augment,
-                                    cfg.train.seed, training=True)
+                                    cfg.train.seed, training=True, delay_frames=cfg.train.delay_frames,
+                                    delay_probability=cfg.train.delay_probability)
         if model.agent is not None and cfg.comm.codec == "codebook" and not resume \
                 and not bool(model.agent.codec.quantizer.initialised):  # type: ignore[union-attr]
             self.fit_codebook(model)

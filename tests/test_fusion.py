@@ -102,10 +102,25 @@ def test_attention_keeps_the_ego_where_nothing_else_arrived_and_ignores_invalid_
     torch.testing.assert_close(fusion(poisoned, valid, meta)[1], out[1])
     # where senders arrived the result mixes them in, with weights that depend on their kind and age
     assert not torch.allclose(out[0, :, :, 2:], features[0, 0, :, :, 2:])
+    max_fused = build_fusion("max", 8)(features, valid, meta)
+    torch.testing.assert_close(out, max_fused)  # base max: the correction starts at zero (training starts from max)
+    torch.nn.init.normal_(fusion.out.weight)  # as training leaves it: the attention's correction counts
+    out = fusion(features, valid, meta)
+    torch.testing.assert_close(out[:, :, :, :2], features[:, 0, :, :, :2])
     older = FusionMeta(meta.age + torch.tensor([0.0, 0.4, 0.0]), meta.kind, meta.T_ego_from_agent)
     assert not torch.allclose(fusion(features, valid, older)[0, :, :, 2:], out[0, :, :, 2:])
     out.sum().backward()
     assert fusion.query.weight.grad is not None and fusion.age_embedding.weight.grad.abs().sum() > 0
+
+
+def test_attention_without_base_is_the_weighted_mean_of_the_agents():
+    torch.manual_seed(0)
+    fusion = build_fusion("attention", 8, {"heads": 2, "key_channels": 4, "base": "none"})
+    features = torch.rand(1, 3, 8, 4, 5)
+    valid = torch.ones(1, 3, 4, 5, dtype=torch.bool)
+    out = fusion(features, valid, _meta(1, 3))
+    lo, hi = features.amin(dim=1), features.amax(dim=1)
+    assert ((out >= lo - 1e-6) & (out <= hi + 1e-6)).all()  # a convex combination of the agents' values
 
 
 def test_fusion_registry_and_settings_errors_name_what_is_known():
@@ -134,4 +149,6 @@ def test_attention_fusion_trains_and_evaluates_through_the_comm_session(opv2v_se
     assert summary["steps"] == 2 and np.isfinite(summary["history"][-1]["loss"]) and summary["method"] == "sparse-attention"
     entry = evaluate_method(load_model(tmp_path / "last.pt", cfg), cfg, "test", progress=False, limit=3)
     assert entry["bytes_per_agent_frame"] > 0 and set(entry["ap"]) == {"0.3", "0.5", "0.7"}
-    assert entry["params"]["fusion"] == {"method": "attention", "options": {"heads": 2, "key_channels": 8}}
+    fusion = entry["params"]["fusion"]
+    assert (fusion["method"], fusion["options"], fusion["motion"]["enabled"]) == \
+        ("attention", {"heads": 2, "key_channels": 8}, False)

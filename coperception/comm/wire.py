@@ -14,6 +14,11 @@ Packet layout (little-endian):
   index section: a bitmap over the range, or delta-varints (LEB128) of the cell indices,
     whichever is smaller (flag bit 0 says which)
   payload section: n_cells x m x r codes at `bits` each, bit-packed LSB first; or n_cells x C f32
+  uncertainty section (flag bit 2): n_cells x 2 bytes, the sender's aleatoric and epistemic
+    uncertainty of each cell (`models.uncertainty.quantize`)
+  motion section (flag bit 3, first packet of a message only): object count (u8), then per moving
+    object x, y (i16, 0.1 m), vx, vy (i8, 0.25 m/s), length, width (u8, 0.1 m), yaw (u8, pi/256),
+    in the frame the message states (`MOTION_RECORD`)
   CRC32 of everything above; then, when flag bit 1 is set, HMAC-SHA256 (sender's key) of
   everything above including the CRC.
 """
@@ -41,6 +46,13 @@ _CRC = 4
 _MAC = 32
 FLAG_VARINT = 1
 FLAG_HMAC = 2
+FLAG_UNCERTAINTY = 4
+FLAG_MOTION = 8
+MOTION_RECORD = struct.Struct("<hhbbBBB")  # x, y, vx, vy, length, width, yaw of one moving object
+MOTION_FIELDS = 7
+MOTION_SCALE = np.array([0.1, 0.1, 0.25, 0.25, 0.1, 0.1, np.pi / 256])  # units of each stored integer
+MOTION_LIMITS = np.array([[-32768, 32767]] * 2 + [[-128, 127]] * 2 + [[0, 255]] * 3)
+MAX_MOTION_OBJECTS = 255
 DEFAULT_MTU = 1200
 
 
@@ -99,6 +111,10 @@ class Message:
     codebook_hash: bytes = b"\0" * 8
     packets_received: int = 0
     packets_total: int = 0
+    uncertainty: np.ndarray | None = None  # (N, 2) uint8 per cell: aleatoric, epistemic (optional)
+    # (K, 7) moving objects x, y, vx, vy, length, width, yaw in the stated frame; None: not sent, or its
+    # packet (the first) was lost
+    motion: np.ndarray | None = None
 
     @property
     def segments(self) -> int:
@@ -206,6 +222,33 @@ def _payload_bits(msg: Message) -> int:
     return 0
 
 
+def motion_bytes(motion: np.ndarray) -> bytes:
+    """(K, 7) moving objects -> the motion section (count, then one `MOTION_RECORD` each), rounded to
+    the stored units and clipped to what they hold."""
+    m = np.asarray(motion, dtype=np.float64).reshape(-1, MOTION_FIELDS)
+    if len(m) > MAX_MOTION_OBJECTS:
+        raise ValueError(f"{len(m)} moving objects: at most {MAX_MOTION_OBJECTS} travel")
+    if not np.isfinite(m).all():
+        raise ValueError("motion: non-finite values")
+    m = m.copy()
+    m[:, 6] = np.mod(m[:, 6], np.pi)  # a footprint is the same turned by pi
+    q = np.clip(np.round(m / MOTION_SCALE), MOTION_LIMITS[:, 0], MOTION_LIMITS[:, 1]).astype(np.int64)
+    q[:, 6] %= 256
+    return bytes([len(q)]) + b"".join(MOTION_RECORD.pack(*row) for row in q.tolist())
+
+
+def decode_motion(data: bytes) -> np.ndarray:
+    """The motion section -> (K, 7) floats; a `MalformedMessage` when its length does not match its count."""
+    if not data:
+        raise MalformedMessage("motion section is empty")
+    count = data[0]
+    if len(data) != 1 + count * MOTION_RECORD.size:
+        raise MalformedMessage(f"motion section has {len(data)} bytes for {count} objects "
+                               f"(expected {1 + count * MOTION_RECORD.size})")
+    rows = [MOTION_RECORD.unpack_from(data, 1 + k * MOTION_RECORD.size) for k in range(count)]
+    return np.asarray(rows, dtype=np.float64).reshape(-1, MOTION_FIELDS) * MOTION_SCALE
+
+
 def _index_section(cells: np.ndarray) -> tuple[bytes, int]:
     """Cells of one packet (ascending) -> (bytes, flags): bitmap over their range or delta-varints."""
     start = int(cells[0])
@@ -233,6 +276,10 @@ def _check_message(msg: Message) -> np.ndarray:
     elif msg.kind == MessageKind.SPARSE_FP32:
         if msg.values is None or msg.values.ndim != 2 or len(msg.values) != len(cells):
             raise ValueError("SPARSE_FP32 messages need values (N, C)")
+    if msg.kind == MessageKind.REQUEST and (msg.uncertainty is not None or msg.motion is not None):
+        raise ValueError("a REQUEST carries neither uncertainty nor motion")
+    if msg.uncertainty is not None and (msg.uncertainty.shape != (len(cells), 2) or msg.uncertainty.dtype != np.uint8):
+        raise ValueError("uncertainty must be (N, 2) uint8, one pair per cell")
     return cells
 
 
@@ -240,7 +287,8 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
     """Split a message into packets of at most `mtu` bytes, each decodable on its own."""
     cells = _check_message(msg)
     fixed = _HEADER.size + _CRC + (_MAC if key else 0)
-    pbits = _payload_bits(msg)
+    motion = motion_bytes(msg.motion) if msg.motion is not None else b""
+    pbits = _payload_bits(msg) + (16 if msg.uncertainty is not None else 0)
     n = len(cells)
     # bytes of each cell's delta-varint if a packet started right before it (a packet's first delta is 0)
     cum_varint = np.concatenate([[0], np.cumsum(varint_lengths(np.diff(cells, prepend=cells[:1])))]) if n else np.zeros(1)
@@ -250,7 +298,7 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
         j = np.arange(i + 1, n + 1)
         varint = 1 + cum_varint[j] - cum_varint[i + 1]
         bitmap = (cells[j - 1] - cells[i] + 8) // 8
-        size = fixed + np.minimum(varint, bitmap) + ((j - i) * pbits + 7) // 8
+        size = fixed + (len(motion) if not chunks else 0) + np.minimum(varint, bitmap) + ((j - i) * pbits + 7) // 8
         fits = int(np.searchsorted(size, mtu, side="right"))
         if fits == 0:
             raise ValueError(f"MTU {mtu} is too small for one cell ({int(size[0])} bytes)")
@@ -272,6 +320,12 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
             payload = np.ascontiguousarray(msg.values[a:b], dtype="<f4").tobytes()  # type: ignore[index]
         else:
             payload = b""
+        if msg.uncertainty is not None:
+            payload += np.ascontiguousarray(msg.uncertainty[a:b], dtype=np.uint8).tobytes()
+            flags |= FLAG_UNCERTAINTY
+        if motion and p == 0:
+            payload += motion
+            flags |= FLAG_MOTION
         if key:
             flags |= FLAG_HMAC
         bits = msg.bits if msg.kind == MessageKind.CODES else (32 if msg.kind == MessageKind.SPARSE_FP32 else 0)
@@ -309,6 +363,8 @@ class Packet:
     codes: np.ndarray | None
     values: np.ndarray | None
     size: int
+    uncertainty: np.ndarray | None = None
+    motion: np.ndarray | None = None
 
 
 def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook_hash: bytes | None = None,
@@ -393,23 +449,39 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         raise MalformedMessage(f"index section lists {len(cells)} cells, header says {n_cells}")
     if n_cells and (cells[0] != start or cells[-1] >= start + length):
         raise MalformedMessage("cells: index outside the packet's range")
-    payload = data[pos:body_end]
-    codes = values = None
+    rest = data[pos:body_end]
+    if kind == MessageKind.REQUEST and flags & (FLAG_UNCERTAINTY | FLAG_MOTION):
+        raise MalformedMessage("request packet claims uncertainty or motion")
+    if flags & FLAG_MOTION and index != 0:
+        raise MalformedMessage(f"motion section in packet {index} (only the first packet carries it)")
     if kind == MessageKind.CODES:
+        if bits < 1:
+            raise MalformedMessage(f"bits: {bits} per code")
         need = (n_cells * m * r * bits + 7) // 8
-        if len(payload) != need or bits < 1:
-            raise MalformedMessage(f"code section has {len(payload)} bytes, expected {need}")
+    elif kind == MessageKind.SPARSE_FP32:
+        need = n_cells * channels * 4
+    else:
+        need = 0
+    unc_len = 2 * n_cells if flags & FLAG_UNCERTAINTY else 0
+    payload, unc_bytes, motion_section = rest[:need], rest[need : need + unc_len], rest[need + unc_len :]
+    if len(payload) != need or len(unc_bytes) != unc_len or (motion_section and not flags & FLAG_MOTION):
+        what = "code" if kind == MessageKind.CODES else ("value" if kind == MessageKind.SPARSE_FP32 else "request")
+        raise MalformedMessage(f"{what} section: {len(rest)} bytes after the index section, expected {need}"
+                               + (f" + {unc_len} of uncertainty" if unc_len else "")
+                               + (" + the motion section" if flags & FLAG_MOTION else ""))
+    codes = values = uncertainty = motion = None
+    if kind == MessageKind.CODES:
         codes = unpack_bits(payload, n_cells * m * r, bits).reshape(n_cells, m, r)
     elif kind == MessageKind.SPARSE_FP32:
-        if len(payload) != n_cells * channels * 4:
-            raise MalformedMessage(f"value section has {len(payload)} bytes, expected {n_cells * channels * 4}")
         values = np.frombuffer(payload, dtype="<f4").reshape(n_cells, channels).copy()
         if not np.isfinite(values).all():
             raise MalformedMessage(f"values: non-finite feature values from sender {sender}")
-    elif payload:
-        raise MalformedMessage("request packet carries a payload")
+    if unc_len:
+        uncertainty = np.frombuffer(unc_bytes, dtype=np.uint8).reshape(n_cells, 2).copy()
+    if flags & FLAG_MOTION:
+        motion = decode_motion(motion_section)
     return Packet(kind, sender, sequence, index, count, t, _pose_from_fields(pose_fields), grid, cb_hash, bits, cells,
-                  codes, values, len(data))
+                  codes, values, len(data), uncertainty, motion)
 
 
 def assemble(packets: Sequence[Packet]) -> Message:
@@ -436,8 +508,14 @@ def assemble(packets: Sequence[Packet]) -> Message:
         raise MalformedMessage(f"cells: packets of message {first.sequence} from sender {first.sender} overlap")
     codes = np.concatenate([p.codes for p in ordered]) if first.kind == MessageKind.CODES else None  # type: ignore[misc]
     values = np.concatenate([p.values for p in ordered]) if first.kind == MessageKind.SPARSE_FP32 else None  # type: ignore[misc]
+    with_uncertainty = [p.uncertainty is not None for p in ordered]
+    if any(with_uncertainty) and not all(with_uncertainty):
+        raise MalformedMessage(f"packets of message {first.sequence} from sender {first.sender} disagree on carrying "
+                               "uncertainty")
+    uncertainty = np.concatenate([p.uncertainty for p in ordered]) if all(with_uncertainty) else None  # type: ignore[misc]
+    motion = by_index[0].motion if 0 in by_index else None
     return Message(first.kind, first.sender, first.sequence, first.capture_time, first.pose, first.grid, cells, codes,
-                   values, first.bits, first.codebook_hash, len(ordered), first.count)
+                   values, first.bits, first.codebook_hash, len(ordered), first.count, uncertainty, motion)
 
 
 def _row_shape(p: Packet) -> tuple[int, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -12,17 +13,22 @@ from torch.utils.data import Dataset, Sampler
 from coperception.config import DatasetConfig, ModelConfig
 from coperception.datasets.collate import InputMode, PreparedSample, TargetFn, prepare_sample
 from coperception.datasets.cooperative import CooperativeDataset
+from coperception.datasets.types import CooperativeSample
 
 
 class PreparedDataset(Dataset):
     """Cooperative samples turned into the views `mode` encodes (+ training targets with `targets`);
     with `augment`, each (epoch, index) gets its own seeded scene augmentation; in `training` the pillars
-    kept above the cap are drawn from the same (seed, epoch, index) generator (after the augmentation)."""
+    kept above the cap are drawn from the same (seed, epoch, index) generator (after the augmentation).
+    With `delay_frames` (training), a sample's senders come, with `delay_probability`, from 1..`delay_frames`
+    frames earlier (drawn from the same generator; a sender without such a frame stays current)."""
 
     def __init__(self, inner: CooperativeDataset, dataset: DatasetConfig, model: ModelConfig, mode: InputMode,
-                 targets: TargetFn | None = None, augment: bool = False, seed: int = 0, training: bool = False):
+                 targets: TargetFn | None = None, augment: bool = False, seed: int = 0, training: bool = False,
+                 delay_frames: int = 0, delay_probability: float = 0.0):
         self.inner, self.dataset, self.model, self.mode = inner, dataset, model, mode
         self.targets, self.augment, self.seed, self.training = targets, augment, seed, training
+        self.delay_frames, self.delay_probability = delay_frames, delay_probability
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -30,8 +36,23 @@ class PreparedDataset(Dataset):
 
     def __getitem__(self, index: int) -> PreparedSample:
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment or self.training else None
-        return prepare_sample(self.inner[index], self.mode, self.dataset, self.model, self.targets,
+        sample = self.inner[index]
+        if self.delay_frames and rng is not None:
+            delay_rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # leaves the augmentation draws as they were
+            if delay_rng.random() < self.delay_probability:
+                sample = delayed_senders(sample, int(delay_rng.integers(1, self.delay_frames + 1)))
+        return prepare_sample(sample, self.mode, self.dataset, self.model, self.targets,
                               rng if self.augment else None, self.training, pillar_rng=rng if self.training else None)
+
+
+def delayed_senders(sample: CooperativeSample, frames: int) -> CooperativeSample:
+    """`sample` with every sender as it was `frames` frames earlier (its capture time, pose and points of
+    then; a sender without that frame stays current). The ego and the ground truth stay at its frame."""
+    if sample.earlier is None or len(sample.agents) < 2:
+        return sample
+    old = sample.earlier(frames)
+    senders = [o if o is not None else a for a, o in zip(sample.agents[1:], old[1:])]
+    return replace(sample, agents=[sample.agents[0], *senders])
 
 
 class EpochSampler(Sampler[int]):

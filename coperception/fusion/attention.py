@@ -2,13 +2,21 @@
 
 Scaled dot-product attention with `heads` heads; the query is a projection of the ego's feature, the
 keys projections of each agent's feature plus a learned embedding of its kind (vehicle, roadside
-unit) and of its message age. The values are the agents' features themselves, so a cell that only
-the ego covers keeps the ego's feature exactly (nothing else arrived there to attend to).
+unit) and of its message age.
+
+With `base: none` the values are the agents' features themselves and the output is their attention-
+weighted mean, so a cell that only the ego covers keeps the ego's feature exactly. With `base: max`
+(the default) the attention reads projected values and its output, through a zero-initialised
+projection, is added to the element-wise max of the valid features: training starts from max fusion
+and learns what to add where agents disagree (a lone ego still gets exactly its own feature, because
+the attention then reads only the ego's value and the correction it learned for the ego alone is
+masked to cells where another agent arrived).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +34,7 @@ class AttentionFusion(Fusion):
         heads: int = Field(4, ge=1)  # must divide the feature channels
         key_channels: int = Field(32, ge=1)  # per head
         max_age_s: float = Field(0.5, gt=0)  # ages are scaled by this before their embedding
+        base: Literal["none", "max"] = "max"  # what the attention output is added to (see the module docstring)
 
     def __init__(self, channels: int, settings: BaseModel | None = None):
         super().__init__(channels, settings)
@@ -37,6 +46,12 @@ class AttentionFusion(Fusion):
         self.key = nn.Conv2d(channels, s.heads * s.key_channels, 1)
         self.kind_embedding = nn.Embedding(AGENT_KINDS, s.heads * s.key_channels)
         self.age_embedding = nn.Linear(1, s.heads * s.key_channels)
+        self.base = s.base
+        if self.base == "max":
+            self.value = nn.Conv2d(channels, channels, 1)
+            self.out = nn.Conv2d(channels, channels, 1)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
         B, L, C, H, W = features.shape
@@ -53,5 +68,11 @@ class AttentionFusion(Fusion):
         scores = (q[:, None] * k).sum(dim=3) / math.sqrt(self.dk)  # (B, L, heads, H, W)
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
         weights = torch.softmax(scores, dim=1)  # over agents
-        v = features.view(B, L, self.heads, C // self.heads, H, W)
-        return (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)
+        if self.base == "none":
+            v = features.view(B, L, self.heads, C // self.heads, H, W)
+            return (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)
+        v = self.value(features.flatten(0, 1)).view(B, L, self.heads, C // self.heads, H, W)
+        attended = (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)
+        base = features.masked_fill(~mask[:, :, None], float("-inf")).amax(dim=1)
+        others = mask[:, 1:].any(dim=1, keepdim=True)  # cells where something beyond the ego arrived
+        return base + self.out(attended) * others.to(base.dtype)

@@ -22,11 +22,16 @@ from coperception.registry import Registry
 
 @dataclass
 class FusionMeta:
-    """Per agent slot (B, L): message age in seconds, agent kind (0 vehicle, 1 rsu), T_ego_from_agent."""
+    """Per agent slot (B, L): message age in seconds, agent kind (0 vehicle, 1 rsu), T_ego_from_agent;
+    for fusions that ask for them (`needs_confidence`, `needs_uncertainty`), ego-aligned per-cell maps:
+    the detector's confidence of each agent's feature as the ego reads it, and the uncertainty each
+    sender sent with its message (aleatoric std, epistemic std; the ego's own computed locally)."""
 
     age: torch.Tensor  # (B, L)
     kind: torch.Tensor  # (B, L) int64
     T_ego_from_agent: torch.Tensor  # (B, L, 4, 4)
+    confidence: torch.Tensor | None = None  # (B, L, H, W)
+    uncertainty: torch.Tensor | None = None  # (B, L, 2, H, W)
 
 
 class NoSettings(BaseModel):
@@ -38,6 +43,8 @@ class Fusion(nn.Module, abc.ABC):
     and the validated `Settings`."""
 
     Settings: ClassVar[type[BaseModel]] = NoSettings
+    needs_confidence: ClassVar[bool] = False  # the ego side fills `meta.confidence`
+    needs_uncertainty: ClassVar[bool] = False  # senders compute and send per-cell uncertainty (`meta.uncertainty`)
 
     def __init__(self, channels: int, settings: BaseModel | None = None):
         super().__init__()

@@ -5,7 +5,7 @@ wire format and the channel at evaluation)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,12 @@ class Delivery:
     T_ego_from_agent: torch.Tensor  # (N_total, 4, 4) with the pose the message carries
     age: torch.Tensor  # (N_total,) seconds between the message's capture and the ego's
     kind: torch.Tensor  # (N_total,) 0 vehicle, 1 rsu
+    # per cell of each view, what its sender sent of its uncertainty (aleatoric std, epistemic std); the
+    # ego's own computed locally; None when the fusion does not use it
+    uncertainty: torch.Tensor | None = None  # (N_total, 2, H, W)
+    # motion compensation: per view, the moving objects its message carried ((K, 7) x, y, vx, vy, length,
+    # width, yaw in the view's frame), None for a view without (the ego's own, or motion not sent)
+    motion: list[torch.Tensor | None] | None = None
 
     @staticmethod
     def cat(parts: Sequence["Delivery"]) -> "Delivery":
@@ -37,25 +43,45 @@ class Delivery:
             arrived = torch.cat([p.arrived if p.arrived is not None else
                                  torch.ones(p.features.shape[0], *p.features.shape[-2:], dtype=torch.bool,
                                             device=p.features.device) for p in parts])
+        uncertainty = None
+        if any(p.uncertainty is not None for p in parts):
+            uncertainty = torch.cat([p.uncertainty if p.uncertainty is not None else
+                                     p.features.new_zeros(p.features.shape[0], 2, *p.features.shape[-2:]) for p in parts])
+        motion = None
+        if any(p.motion is not None for p in parts):
+            motion = [m for p in parts for m in (p.motion if p.motion is not None else [None] * p.features.shape[0])]
         return Delivery(torch.cat([p.features for p in parts]), arrived, [n for p in parts for n in p.record_len],
                         torch.cat([p.T_ego_from_agent for p in parts]), torch.cat([p.age for p in parts]),
-                        torch.cat([p.kind for p in parts]))
+                        torch.cat([p.kind for p in parts]), uncertainty, motion)
 
 
 class EgoSide(nn.Module):
-    """Warp every delivered map into the ego frame once, then the configured fusion -> (B, C, H, W)."""
+    """Warp every delivered map (and the per-cell uncertainty that came with it) into the ego frame once,
+    moving late messages forward by their age when they carry motion, then the configured fusion ->
+    (B, C, H, W)."""
 
-    def __init__(self, fusion: Fusion, grid: BEVGrid):
+    def __init__(self, fusion: Fusion, grid: BEVGrid, motion_margin: float = 0.5):
         super().__init__()
         self.fusion = fusion
         self.grid = grid
+        self.motion_margin = motion_margin
 
-    def forward(self, delivery: Delivery) -> torch.Tensor:
+    def forward(self, delivery: Delivery, confidence: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`confidence`: (n, C, H, W) -> (n, H, W), the detector's confidence (for fusions that need it)."""
         d = delivery
         device = d.features.device
         T = d.T_ego_from_agent.to(device)
-        warped, valid = warp_to_ego(d.features, d.record_len, T, self.grid, d.arrived)
+        C = d.features.shape[1]
+        carried = d.features
+        if self.fusion.needs_uncertainty and d.uncertainty is not None:
+            carried = torch.cat([carried, d.uncertainty.to(device, carried.dtype)], dim=1)
+        warped, valid = warp_to_ego(carried, d.record_len, T, self.grid, d.arrived, d.motion, d.age, self.motion_margin)
+        warped, uncertainty = warped[:, :, :C], (warped[:, :, C:] if warped.shape[2] > C else None)
         eye = torch.eye(4, dtype=T.dtype, device=device)
+        conf = None
+        if self.fusion.needs_confidence and confidence is not None:
+            conf = confidence(warped.flatten(0, 1)).view(*warped.shape[:2], *warped.shape[-2:]).detach()
         meta = FusionMeta(group_views(d.age.to(device), d.record_len), group_views(d.kind.to(device), d.record_len),
-                          group_views(T, d.record_len, eye))
+                          group_views(T, d.record_len, eye), conf, uncertainty)
         return self.fusion(warped, valid, meta)

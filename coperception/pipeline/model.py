@@ -21,7 +21,9 @@ from coperception.fusion.base import FUSIONS, build_fusion, fusion_settings
 from coperception.models.anchors import make_anchors
 from coperception.models.encoders import ENCODERS, EncoderSet
 from coperception.models.heads import AnchorHead, HeadOutput
+from coperception.models.postprocess import decode_detections
 from coperception.models.targets import AnchorAssigner
+from coperception.models.uncertainty import UncertaintyHead, as_sent
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.ego import Delivery, EgoSide
 from coperception.pipeline.strategies import STRATEGIES, Strategy, TrainOutput
@@ -49,13 +51,20 @@ class CooperativeModel(nn.Module):
         self.ego: EgoSide | None = None
         self.agent: AgentSide | None = None
         if self.strategy.sends_features:
-            self.ego = EgoSide(build_fusion(cfg.fusion.method, channels, cfg.fusion.options), self.feature_grid)
+            self.ego = EgoSide(build_fusion(cfg.fusion.method, channels, cfg.fusion.options), self.feature_grid,
+                               cfg.fusion.motion.margin_m)
         self.head = AnchorHead(channels, len(yaws))
         if self.strategy.sends_features:
             codec = CODECS.get(cfg.comm.codec)(channels, cfg.comm.codebook)
             self.agent = AgentSide(codec, cfg.comm.selection, self.feature_grid)
+        # a fusion that weighs messages by their senders' uncertainty: each agent's uncertainty head
+        self.uncertainty: UncertaintyHead | None = None
+        if self.ego is not None and self.ego.fusion.needs_uncertainty:
+            s = self.ego.fusion.settings
+            self.uncertainty = UncertaintyHead(channels, len(yaws), dropout=s.dropout, passes=s.passes)  # type: ignore[attr-defined]
         self.message_dropout = cfg.train.message_dropout  # training only
         self.ego_loss = cfg.train.ego_loss_weight > 0  # training only: also detect from the ego's own features
+        self.project_first = cfg.cooperation.project_first
 
     def encode(self, batch: AgentBatch) -> torch.Tensor:
         """Per-view BEV features (N_total, C, H, W), each in its own frame."""
@@ -66,10 +75,22 @@ class CooperativeModel(nn.Module):
         """(N, H, W) each view's confidence map from its own head (what its selection ranks)."""
         return self.head.confidence_map(feats)
 
+    @torch.no_grad()
+    def sent_uncertainty(self, feats: torch.Tensor) -> torch.Tensor | None:
+        """(N, 2, H, W) each view's per-cell uncertainty as its message carries it (one byte each), or
+        None when the fusion does not use any."""
+        return None if self.uncertainty is None else as_sent(self.uncertainty.estimate(feats))
+
+    @torch.no_grad()
+    def boxes(self, feats: torch.Tensor, score_threshold: float, nms_threshold: float) -> list[np.ndarray]:
+        """(n, C, H, W) views -> each one's detected boxes (K, 7) in its own frame (what a sender knows of
+        its own scene, e.g. to estimate motion)."""
+        return [d.boxes for d in decode_detections(self.head(feats), self.anchors, score_threshold, nms_threshold)]
+
     def receive(self, delivery: Delivery) -> HeadOutput:
         """Ego side: warp what arrived, fuse, detect."""
         assert self.ego is not None
-        return self.head(self.ego(delivery))
+        return self.head(self.ego(delivery, self.head.confidence_map))
 
     def targets(self, gt_boxes: np.ndarray) -> AnchorTargets:
         """Training targets of this model's anchors for ground-truth boxes in the ego frame."""
@@ -136,7 +157,7 @@ def saved_architecture(arch: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
-FRESH_PREFIXES = ("ego.fusion.", "agent.codec.")  # what a fine-tuning may add to the model it starts from
+FRESH_PREFIXES = ("ego.fusion.", "agent.codec.", "uncertainty.")  # what a fine-tuning may add to the model it starts from
 
 
 def build_model(cfg: ExperimentConfig) -> CooperativeModel:

@@ -30,11 +30,13 @@ from coperception.comm.codecs import CellCodec, CodebookCodec, DenseCodec
 from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
-from coperception.config import CommConfig, ExperimentConfig
+from coperception.config import CommConfig, ExperimentConfig, MotionSettings
 from coperception.errors import ConfigError
 from coperception.datasets.collate import AgentInput, PreparedSample, Projector
 from coperception.datasets.voxelize import pillar_points
+from coperception.fusion.motion import MotionTracker, moving_objects
 from coperception.geometry import invert
+from coperception.models.uncertainty import dequantize as dequantize_uncertainty, quantize as quantize_uncertainty
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.consistency import check_message, free_space
@@ -94,14 +96,29 @@ class CommSession:
     projector: Projector | None = None  # project_first: senders project their points into the ego pose they heard
     # per (scenario, receiving sender): the ego's broadcasts sent to it
     broadcasts: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
+    # (n, C, H, W) -> (n, 2, H, W) per-cell uncertainty as sent: senders send it with their cells (a fusion
+    # that weighs by it); None: nothing of it is computed or sent
+    uncertainty: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    # motion compensation: (n, C, H, W) -> each view's own detected boxes, and the settings; senders track
+    # their detections and send their moving objects with every message
+    boxes: Callable[[torch.Tensor], list[np.ndarray]] | None = None
+    motion: MotionSettings | None = None
+    trackers: dict[tuple[str, int], MotionTracker] = field(default_factory=dict)
 
     @classmethod
     def for_config(cls, agent: AgentSide, confidence: Callable[[torch.Tensor], torch.Tensor], cfg: ExperimentConfig,
-                   attack: GhostAttack | None = None) -> "CommSession":
+                   attack: GhostAttack | None = None,
+                   uncertainty: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                   boxes: Callable[[torch.Tensor], list[np.ndarray]] | None = None) -> "CommSession":
         """The session `cfg` describes: its comm section and, with `cooperation.project_first`, senders
-        that project their points into the ego pose they received."""
+        that project their points into the ego pose they received; with `fusion.motion.enabled` (and
+        `boxes`, each view's own detections) senders send their moving objects."""
         projector = Projector(cfg.dataset, cfg.model) if cfg.cooperation.project_first else None
-        return cls(agent, confidence, cfg.comm, attack=attack, projector=projector)
+        motion = cfg.fusion.motion if cfg.fusion.motion.enabled else None
+        if motion is not None and boxes is None:
+            raise ConfigError("fusion.motion.enabled: motion compensation needs the senders' own detections")
+        return cls(agent, confidence, cfg.comm, attack=attack, projector=projector, uncertainty=uncertainty,
+                   boxes=boxes if motion is not None else None, motion=motion)
 
     def __post_init__(self) -> None:
         self.codec = self.agent.codec
@@ -195,18 +212,31 @@ class CommSession:
         return None, ready
 
     def _prepare_sender(self, view: AgentInput, heard: Message | None, T_world_from_ego: np.ndarray,
-                        frame_key: str) -> tuple[AgentInput, np.ndarray, bool]:
-        """The view the sender encodes, the pose of its frame as its message states it, and whether it
-        projected. Its own pose comes from its (noisy) localisation; with `project_first` and a broadcast
-        heard it moves its points into the ego pose of that broadcast, else it stays in its own frame."""
+                        frame_key: str) -> tuple[AgentInput, np.ndarray, bool, np.ndarray]:
+        """The view the sender encodes, the pose of its frame as its message states it, whether it
+        projected, and its own pose as its localisation gives it (noisy). With `project_first` and a
+        broadcast heard it moves its points into the ego pose of that broadcast, else it stays in its
+        own frame."""
         own = self.channel.noisy_pose(view.T_world_from_agent)
         if self.projector is None or heard is None or view.points is None:
-            return view, own @ invert(view.T_world_from_agent) @ view.T_world_from_frame, False
+            return view, own @ invert(view.T_world_from_agent) @ view.T_world_from_frame, False, own
         frame = heard.pose
         voxels = self.projector(view.points, invert(frame) @ own, frame_key, view.sender)
         moved = replace(view, voxels=voxels, T_ego_from_frame=invert(T_world_from_ego) @ frame, T_world_from_frame=frame,
                         points=None)
-        return moved, frame, True
+        return moved, frame, True, own
+
+    def _moving(self, scenario: str, view: AgentInput, boxes: np.ndarray, pose: np.ndarray, own: np.ndarray
+                ) -> np.ndarray:
+        """The sender's moving objects for its message (K, 7) in the frame the message states (`pose`):
+        its detections placed in the world by its odometry (its true motion between its own frames;
+        the frame's noisy localisation cancels), tracked over its frames."""
+        assert self.motion is not None
+        T_world_from_frame = view.T_world_from_agent @ invert(own) @ pose
+        centres = boxes[:, :2] @ T_world_from_frame[:2, :2].T + T_world_from_frame[:2, 3]
+        tracker = self.trackers.setdefault((scenario, view.sender), MotionTracker(self.motion))
+        velocities = tracker.update(centres, view.capture_time)
+        return moving_objects(boxes, velocities, T_world_from_frame, self.motion.min_speed_mps)
 
     def _select(self, conf: torch.Tensor, heard: Message | None, pose: np.ndarray) -> torch.Tensor:
         """(H, W) cells one sender transmits, from its confidence `conf` (H, W) and the broadcast it heard
@@ -220,42 +250,56 @@ class CommSession:
         return self.agent.select(bits.view(self.grid.height, self.grid.width), conf[None], T)[0]
 
     def _message(self, codec: CellCodec, feats: torch.Tensor, mask: torch.Tensor, sender: int, capture_time: float,
-                 pose: np.ndarray, codes: torch.Tensor | None = None) -> Message:
+                 pose: np.ndarray, codes: torch.Tensor | None = None, uncertainty: torch.Tensor | None = None,
+                 motion: np.ndarray | None = None) -> Message:
         """The wire message of the cells `mask` of `feats` (C, H, W); `codes` (H*W, m, r): every cell's
-        codes as the sender's encoder computed them (else the codec codes the selected features)."""
+        codes as the sender's encoder computed them (else the codec codes the selected features);
+        `uncertainty` (2, H, W) of every cell, sent for the selected ones; `motion` (K, 7) moving objects."""
         cells = torch.nonzero(mask.flatten(), as_tuple=True)[0]
+        extra: dict = {"motion": motion}
+        if uncertainty is not None:
+            picked = uncertainty.flatten(1)[:, cells.to(uncertainty.device)].T  # (N, 2)
+            extra["uncertainty"] = quantize_uncertainty(picked).cpu().numpy()
         if codes is not None and isinstance(codec, CodebookCodec):
             payload = codec.payload_codes(codes[cells.to(codes.device)])
         else:
             payload = codec.payload(feats.flatten(1)[:, cells].T.contiguous())  # (N, C) vectors
         self.sequence += 1
-        extra = {"codebook_hash": self.codebook_hash} if self.codebook_hash is not None else {}
+        if self.codebook_hash is not None:
+            extra["codebook_hash"] = self.codebook_hash
         return Message(sender=sender, sequence=self.sequence, capture_time=capture_time, pose=pose, grid=self.grid,
                        cells=cells.cpu().numpy(), **payload, **extra)
 
-    def _rebuild(self, codec: CellCodec, msg: Message, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded message -> (C, H, W) features (zeros where nothing arrived) and (H, W) arrived mask."""
+    def _rebuild(self, codec: CellCodec, msg: Message, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Decoded message -> (C, H, W) features (zeros where nothing arrived), (H, W) arrived mask and,
+        when the message carried it, (2, H, W) uncertainty."""
         C, H, W = like.shape
         flat = like.new_zeros(C, H * W)
         arrived = torch.zeros(H * W, dtype=torch.bool, device=like.device)
         cells = torch.from_numpy(msg.cells).to(like.device)
+        unc = None if msg.uncertainty is None else like.new_zeros(2, H * W)
         if len(cells):
             flat[:, cells] = codec.vectors(msg).to(like.device, like.dtype).T
             arrived[cells] = True
-        return flat.view(C, H, W), arrived.view(H, W)
+            if unc is not None:
+                unc[:, cells] = dequantize_uncertainty(torch.from_numpy(msg.uncertainty)).to(like.device, like.dtype).T
+        return flat.view(C, H, W), arrived.view(H, W), None if unc is None else unc.view(2, H, W)
 
     def _whole(self, codec: DenseCodec, feats: torch.Tensor, views: Sequence[AgentInput], poses: Sequence[np.ndarray],
                broadcast_bytes: int) -> tuple[Delivery, "FrameComm"]:
         """Dense maps: every sender's map delivered at once, in the frame its pose states, counted at its
         serialized size."""
-        sent = {v.sender: codec.dense_bytes(feats[k + 1], v.sender, v.capture_time, pose)
+        unc = self.uncertainty(feats) if self.uncertainty is not None else None
+        per_cell = 2 * feats.shape[-2] * feats.shape[-1] if unc is not None else 0  # one byte each, as in the wire
+        sent = {v.sender: codec.dense_bytes(feats[k + 1], v.sender, v.capture_time, pose) + per_cell
                 for k, (v, pose) in enumerate(zip(views[1:], poses))}
         inv_ego = invert(views[0].T_world_from_agent)
         T = torch.from_numpy(np.stack([np.eye(4)] + [inv_ego @ p for p in poses]).astype(np.float32)).to(feats.device)
         T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
         age = torch.tensor([v.age for v in views], dtype=torch.float32, device=feats.device)
         kind = torch.tensor([v.kind for v in views], dtype=torch.int64, device=feats.device)
-        return Delivery(feats, None, [len(views)], T, age, kind), \
+        return Delivery(feats, None, [len(views)], T, age, kind, unc), \
             FrameComm(sent, broadcast_bytes, {v.sender: v.age for v in views[1:]})
 
     @torch.no_grad()
@@ -273,12 +317,13 @@ class CommSession:
         broadcast_bytes = 0
         if self.broadcasting and len(views) > 1:
             broadcast_bytes = self._broadcast(scenario, views, ego_conf[0])
-        encoded, heard, ready, poses = [views[0]], [], [], []
+        encoded, heard, ready, poses, owns = [views[0]], [], [], [], []
         processing = self.cfg.channel.processing_ms / 1e3
         for view in views[1:]:
             msg, t_ready = self._heard(scenario, view) if self.broadcasting else (None, view.capture_time)
-            moved, pose, projected = self._prepare_sender(view, msg, T_world_from_ego, sample.frame_key)
+            moved, pose, projected, own = self._prepare_sender(view, msg, T_world_from_ego, sample.frame_key)
             encoded.append(moved)
+            owns.append(own)
             heard.append(msg)
             ready.append(t_ready + (processing if projected else 0.0))  # a projecting sender encodes after it heard
             poses.append(pose)
@@ -293,20 +338,27 @@ class CommSession:
             conf = torch.cat([ego_conf, others.confidence if others.confidence is not None
                               else self.confidence(others.features)])
         delivered = {}
+        uncertainty = self.uncertainty(feats) if self.uncertainty is not None else None  # the ego's own stays here
+        sender_boxes = self.boxes(feats[1:]) if self.boxes is not None and len(feats) > 1 else []
         for k, view in enumerate(encoded[1:]):
             sent, mask = feats[k + 1], self._select(conf[k + 1], heard[k], poses[k])
             codes = others.codes[k] if others is not None and others.codes is not None else None
+            unc = uncertainty[k + 1] if uncertainty is not None else None
             if self.attack is not None and self.attack.attacks(k + 1):
                 ego_x, ego_y = (float(v) for v in invert(view.T_ego_from_frame)[:2, 3])
                 sent, mask = self.attack(sent, conf[k + 1], mask, self.grid, (ego_x, ego_y))
                 codes = None  # the lies are coded from the forged features
-            msg = self._message(codec, sent, mask, view.sender, view.capture_time, poses[k], codes)
+                unc = self.uncertainty(sent[None])[0] if self.uncertainty is not None else None  # type: ignore[index]
+            motion = self._moving(scenario, view, sender_boxes[k], poses[k], owns[k]) if self.motion is not None else None
+            msg = self._message(codec, sent, mask, view.sender, view.capture_time, poses[k], codes, unc, motion)
             packets = encode_message(msg, self.cfg.channel.mtu, self._key(view.sender))
             tx = self.channel.transmit((scenario, view.sender), packets, view.capture_time, ready[k])  # clocks restart per scenario
             self.queues.setdefault((scenario, view.sender), []).append(tx)
             delivered[view.sender] = tx.delivered_bytes
         # the ego's own features plus the newest arrived message of each current sender
         chosen_feats, chosen_arrived = [feats[0]], [torch.ones(feats.shape[-2:], dtype=torch.bool, device=feats.device)]
+        chosen_unc = [uncertainty[0]] if uncertainty is not None else []
+        chosen_motion: list[torch.Tensor | None] = [None]
         transforms, ages, kinds = [np.eye(4)], [0.0], [views[0].kind]
         fused_ages: dict[int, float] = {}
         held: list[HeldMessage] = []
@@ -328,7 +380,7 @@ class CommSession:
                 rejected[type(exc).__name__] += 1
                 self.queues[(scenario, view.sender)].remove(tx)
                 continue
-            f, arrived = self._rebuild(codec, msg, feats[0])
+            f, arrived, unc = self._rebuild(codec, msg, feats[0])
             T_ego_from_sender = invert(T_world_from_ego) @ msg.pose
             if ego_free is not None:
                 T_bev = torch.from_numpy(T_ego_from_sender.astype(np.float32))
@@ -339,6 +391,9 @@ class CommSession:
                     continue
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
+            if uncertainty is not None:  # a message without it (its sender computed none) is trusted on the rest
+                chosen_unc.append(unc if unc is not None else torch.zeros_like(uncertainty[0]))
+            chosen_motion.append(None if msg.motion is None else torch.from_numpy(msg.motion).to(feats.device, feats.dtype))
             transforms.append(T_ego_from_sender)
             ages.append(ego_time - msg.capture_time)
             kinds.append(view.kind)
@@ -348,5 +403,7 @@ class CommSession:
         T[:, 2, 3] = 0.0  # BEV warp: heights do not matter
         delivery = Delivery(torch.stack(chosen_feats), torch.stack(chosen_arrived), [len(chosen_feats)], T,
                             torch.tensor(ages, dtype=torch.float32, device=feats.device),
-                            torch.tensor(kinds, dtype=torch.int64, device=feats.device))
+                            torch.tensor(kinds, dtype=torch.int64, device=feats.device),
+                            torch.stack(chosen_unc) if uncertainty is not None else None,
+                            chosen_motion if self.motion is not None else None)
         return delivery, FrameComm(delivered, broadcast_bytes, fused_ages, rejected, held)

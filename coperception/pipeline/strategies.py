@@ -20,6 +20,7 @@ from coperception.comm.payload import serialize_boxes, serialize_points
 from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
 from coperception.geometry import transform_boxes
 from coperception.models.heads import HeadOutput
+from coperception.models.uncertainty import UncertaintyHead
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
 from coperception.pipeline.agent import AgentSide, drop_messages
 from coperception.pipeline.ego import Delivery
@@ -38,6 +39,8 @@ class CooperativeParts(Protocol):
     agent: AgentSide | None
     message_dropout: float
     ego_loss: bool
+    uncertainty: UncertaintyHead | None
+    project_first: bool
 
     def head(self, features: torch.Tensor) -> HeadOutput: ...
 
@@ -47,6 +50,8 @@ class CooperativeParts(Protocol):
 
     def receive(self, delivery: Delivery) -> HeadOutput: ...
 
+    def sent_uncertainty(self, feats: torch.Tensor) -> torch.Tensor | None: ...
+
 
 @dataclass
 class TrainOutput:
@@ -55,6 +60,18 @@ class TrainOutput:
     head: HeadOutput
     aux_loss: torch.Tensor | None = None  # e.g. the codebook commitment loss of the messages
     ego_alone: HeadOutput | None = None  # with `train.ego_loss_weight`: the head on the ego's own features
+    uncertainty: "UncertaintyTerms | None" = None  # uncertainty-trust fusion: what trains the uncertainty head
+
+
+@dataclass
+class UncertaintyTerms:
+    """The uncertainty head's pass on views that share their sample's (ego) frame, the detector on the
+    same views, and which sample's targets each view takes."""
+
+    logits: torch.Tensor  # (n, R, H, W)
+    log_var: torch.Tensor  # (n, R, 3, H, W)
+    head: HeadOutput  # the detector on the same n views
+    sample: torch.Tensor  # (n,) index of each view's sample
 
 
 @dataclass
@@ -158,7 +175,16 @@ class IntermediateFusion(Strategy):
         kept = drop_messages(batch, model.message_dropout, feats) if model.training and model.message_dropout > 0 else None
         alone = model.head(feats[batch.ego_index.to(feats.device)]) if model.training and model.ego_loss else None
         delivery, aux = model.agent.training_delivery(feats, batch, kept, model.confidence)
-        return TrainOutput(model.receive(delivery), aux, alone)
+        terms = None
+        if model.uncertainty is not None:
+            delivery.uncertainty = model.sent_uncertainty(feats.detach())
+            # views in their sample's frame (all of them when senders project first) train the head on its targets
+            views = torch.arange(len(feats), device=feats.device) if model.project_first else \
+                batch.ego_index.to(feats.device)
+            own = feats.detach()[views]
+            logits, log_var = model.uncertainty(own)
+            terms = UncertaintyTerms(logits, log_var, model.head(own), batch.sample_of_view().to(feats.device)[views])
+        return TrainOutput(model.receive(delivery), aux, alone, terms)
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
                nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
