@@ -269,3 +269,121 @@ def bench_attack(cfg: ExperimentConfig, checkpoints: dict[str, Path], out: Path,
                consistency=cfg.comm.consistency.model_dump(mode="json") | {"enabled": "per row"})
     write_json(out / "attack.json", rep)
     return rep
+
+
+# the conditions of `bench fusion`: the channel settings of each column
+FUSION_CONDITIONS: list[tuple[str, dict[str, Any]]] = [
+    ("clean", {}),
+    ("delay 100 ms", {"latency_ms": 100.0}), ("delay 200 ms", {"latency_ms": 200.0}), ("delay 400 ms", {"latency_ms": 400.0}),
+    ("30 % burst loss", {"loss_rate": 0.3}),
+    ("pose 0.2 m / 0.2 deg", {"pose_noise_m": 0.2, "pose_noise_deg": 0.2}),
+    ("pose 0.5 m / 1 deg", {"pose_noise_m": 0.5, "pose_noise_deg": 1.0}),
+]
+
+
+def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20, motion_objects: int = 5) -> float:
+    """Median milliseconds of the ego side (the one warp, motion compensation when `cfg` turns it on, the
+    fusion) for one frame of `agents` views at the model's BEV size, on the model's device, no gradients."""
+    import numpy as np
+    import torch
+
+    from coperception.pipeline.ego import Delivery
+
+    assert model.ego is not None
+    device = next(model.parameters()).device
+    grid = model.feature_grid
+    g = torch.Generator().manual_seed(0)
+    C = model.encoders.out_channels
+    feats = torch.rand(agents, C, grid.height, grid.width, generator=g).to(device)
+    T = torch.eye(4).repeat(agents, 1, 1)
+    T[1:, 0, 3] = torch.linspace(-20, 20, agents - 1)
+    motion = None
+    if cfg.fusion.motion.enabled:
+        rng = np.random.default_rng(0)
+        objects = np.column_stack([rng.uniform(-40, 40, (motion_objects, 2)), rng.uniform(-15, 15, (motion_objects, 2)),
+                                   np.full((motion_objects, 2), [4.5, 1.9]), rng.uniform(0, np.pi, motion_objects)])
+        motion = [None] + [torch.from_numpy(objects).float().to(device)] * (agents - 1)
+    unc = torch.rand(agents, 2, grid.height, grid.width, generator=g).to(device) if model.uncertainty is not None else None
+    delivery = Delivery(feats, None, [agents], T.to(device), torch.tensor([0.0] + [0.2] * (agents - 1), device=device),
+                        torch.zeros(agents, dtype=torch.int64, device=device), unc, motion)
+    times = []
+    with torch.no_grad():
+        for k in range(runs + 3):
+            t0 = time.perf_counter()
+            model.ego(delivery, model.head.confidence_map)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if k >= 3:
+                times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkpoint: Path | None, out: Path,
+                 fusions: Sequence[str], epochs: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every fusion in `fusions` fine-tuned from the demo's max checkpoint with `cfg.train`'s recipe on
+    `cfg`'s codebook messages (existing runs under `out/fusion/train` are reused), each evaluated without
+    and with motion compensation under every condition of `FUSION_CONDITIONS`; ego-only, late and early
+    fusion beside them (their boxes and points do not go through the channel model: clean only)."""
+    split = cfg.dataset.eval_split
+    data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
+    cache: dict = {}
+    train_dir = out / "fusion" / "train"
+    methods: dict[str, Any] = {}
+    if ego_checkpoint is not None:
+        for name in ("none", "late"):
+            methods[name] = _eval(ego_checkpoint, variant(cfg, name), split, data, log, name)
+    if "early" in checkpoints:
+        methods["early"] = _eval(checkpoints["early"], variant(cfg, "early"), split, data, log, "early")
+    rows: dict[str, dict[str, Any]] = {}
+    for fusion in fusions:
+        run = cfg.variant(strategy="intermediate", codec="codebook", fusion=fusion)
+        checkpoint = finetune_fusion(run, fusion, checkpoints["max"], train_dir, epochs, log, cache)
+        trained = with_trained_fusion(run, checkpoint).fusion  # the method and options it was trained with
+        for motion in (False, True):
+            label = fusion + (" + motion" if motion else "")
+            fusion_cfg = trained.model_copy(update={"motion": cfg.fusion.motion.model_copy(update={"enabled": motion})})
+            entries = {}
+            for condition, channel in FUSION_CONDITIONS:
+                cond = cfg.variant(strategy="intermediate", codec="codebook", channel=channel)
+                cond = cond.model_copy(update={"fusion": fusion_cfg})
+                entry = _eval(checkpoint, cond, split, data, log, f"{label:<28} {condition}")
+                entry["params"]["condition"] = condition
+                entries[condition] = entry
+            model = load_model(checkpoint, cond)
+            entries["clean"]["ms"]["fusion"] = fusion_ms(model, cond)
+            rows[label] = {"checkpoint": str(checkpoint), "conditions": entries}
+            if label not in methods:
+                methods[label] = entries["clean"]
+    rep = report({k: {**v, "frames": len(data)} for k, v in methods.items()}, f"{cfg.dataset.format}:{cfg.dataset.root}",
+                 split)
+    rep["conditions"] = [c for c, _ in FUSION_CONDITIONS]
+    rep["rows"] = rows
+    rep["operating_point"] = {"codec": "codebook", "codebook": cfg.comm.codebook.model_dump(),
+                              "selection": cfg.comm.selection.model_dump()}
+    ego = methods.get("none", {}).get("ap", {}).get("0.5")
+    if ego is not None:
+        for label, row in rows.items():
+            row["below_ego_only"] = [c for c, e in row["conditions"].items() if e["ap"]["0.5"] < ego]
+            clean = row["conditions"]["clean"]["ap"]["0.5"]
+            row["loss_vs_clean"] = {c: clean - e["ap"]["0.5"] for c, e in row["conditions"].items() if c != "clean"}
+    write_json(out / "fusion.json", rep)
+    from coperception.viz.curves import plot_fusion
+
+    plot_fusion(rep, out / "fusion.png")
+    log(f"wrote {out / 'fusion.json'} and {out / 'fusion.png'}")
+    return rep
+
+
+def finetune_fusion(cfg: ExperimentConfig, fusion: str, start: Path, out_dir: Path, epochs: int,
+                    log: Callable[[str], None], sample_cache: dict | None = None) -> Path:
+    """`cfg` (intermediate, its codec, fusion `fusion`) fine-tuned from `start` for `epochs` into
+    `out_dir/<fusion>`; an existing last.pt is reused."""
+    target = out_dir / fusion / "last.pt"
+    if target.is_file():
+        log(f"reusing {target}")
+        return target
+    run = cfg.variant(train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
+                             "validate_each_epoch": False})
+    log(f"fine-tuning {fusion} from {start} ({epochs} epochs)")
+    train(run, sample_cache=sample_cache, progress=False, overwrite=True)
+    return target

@@ -221,6 +221,40 @@ def bench_comm_command(
         _fail(exc)
 
 
+@bench_app.command("fusion")
+def bench_fusion_command(
+    config: Path = typer.Option(Path("configs/synthetic_fusion.yaml"), "--config", help="Experiment YAML: the codebook "
+                                "messages and selection every fusion receives, and the fine-tuning recipe of each."),
+    runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with the max/ (and early/) runs of `demo`; "
+                       "every fusion starts from max/best.pt."),
+    ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/last.pt"), help="Ego-only checkpoint "
+                                                  "(ego-only and late rows; default: the one `bench comm` fine-tunes)."),
+    fusions: str = typer.Option("max,attention,uncertainty_trust", help="Fusion methods to fine-tune and compare."),
+    out: Path = typer.Option(Path("outputs/bench"), help="Report folder (fusion.json, fusion.png; runs under fusion/train)."),
+    epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every fusion (default: train.epochs of --config)."),
+    device: Optional[str] = DEVICE_OPTION,
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
+) -> None:
+    """AP@0.3/0.5/0.7, measured bytes and fusion ms of every fusion, without and with motion compensation,
+    on a clean channel and under delay, burst loss and pose noise."""
+    from coperception.bench import bench_fusion
+    from coperception.config import load_config
+    from coperception.fusion.base import FUSIONS
+
+    try:
+        cfg = load_config(config, _with_device(overrides, device))
+        names = [f.strip() for f in fusions.split(",") if f.strip()]
+        for name in names:
+            FUSIONS.get(name)
+        checkpoints = {m: runs / m / "best.pt" for m in ("early", "max") if (runs / m / "best.pt").is_file()}
+        if "max" not in checkpoints:
+            raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
+        ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
+        bench_fusion(cfg, checkpoints, ego, out, names, epochs or cfg.train.epochs, log=typer.echo)
+    except CoperceptionError as exc:
+        _fail(exc)
+
+
 @bench_app.command("latency")
 def bench_latency_command(
     checkpoint: Path = typer.Option(Path("outputs/bench/train/codebook_8x2x256/last.pt"), help="The torch FP32 model "
@@ -339,6 +373,10 @@ def export(
                                     "AP here), minmax or mse."),
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs tensorrt; "
                                   "otherwise prints the trtexec commands)."),
+    pillar_capacity: Optional[int] = typer.Option(None, "--pillar-capacity", min=1, help="Pillar slots of the agent "
+                                                  "graph (default: 1.5x the fullest view of the calibration frames)."),
+    code_cells: int = typer.Option(512, "--code-cells", min=1, help="The agent graph codes its this many most "
+                                   "confident cells (a selected cell beyond them is coded outside the graph)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """Export the agent graph (pillars -> features, confidence, codes) and the ego graph (warp -> fusion ->
@@ -357,7 +395,8 @@ def export(
             if not isinstance(stored, dict):
                 raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
             cfg = config_from_dict(stored, [*overrides, "train.device=cpu"], f"{checkpoint} (stored config)")
-        export_model(checkpoint, cfg, out, int8, calib_frames, calibration, log=typer.echo)  # type: ignore[arg-type]
+        export_model(checkpoint, cfg, out, int8, calib_frames, calibration, log=typer.echo,  # type: ignore[arg-type]
+                     capacity=pillar_capacity, code_cells=code_cells)
         if tensorrt:
             from coperception.export.tensorrt import build_engines
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +57,12 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     model.eval()
     session = None
     if model.agent is not None:
-        session = CommSession.for_config(
-            model.agent, model.confidence, cfg, attack, model.sent_uncertainty if model.uncertainty is not None else None,
-            lambda feats: model.boxes(feats, cfg.eval.score_threshold, cfg.eval.nms_threshold))
+        # what senders compute beside their features: uncertainty (a fusion that weighs by it), their own
+        # boxes (motion compensation); an exported model has neither
+        uncertainty = model.sent_uncertainty if getattr(model, "uncertainty", None) is not None else None
+        boxes = partial(model.boxes, score_threshold=cfg.eval.score_threshold,
+                        nms_threshold=cfg.eval.nms_threshold) if hasattr(model, "boxes") else None
+        session = CommSession.for_config(model.agent, model.confidence, cfg, attack, uncertainty, boxes)
     sparse = model.agent is not None and model.agent.codec.sparse
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()

@@ -71,3 +71,37 @@ def test_equal_ap_comparison_pairs_same_cells_and_the_cheapest_fp32_point_within
     assert first["cheapest_within_tolerance"]["bytes_ratio"] == 25.0
     assert second["cheapest_within_tolerance"]["threshold"] == 0.2  # everything beats AP 0.50
     assert abs(second["same_selection"]["ap_gap"] - 0.10) < 1e-9
+
+
+@pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
+def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condition(opv2v_set, tmp_path):
+    runs = tmp_path / "runs"
+    train(comm_config(opv2v_set, runs / "max", "cooperation.strategy=intermediate", "train.max_steps=2"), progress=False)
+    (runs / "max" / "last.pt").rename(runs / "max" / "best.pt")
+    ego = tmp_path / "ego"
+    train(comm_config(opv2v_set, ego, "cooperation.strategy=none", "train.max_steps=1"), progress=False)
+    sets = [a for s in [f"dataset.root={opv2v_set.root}", "dataset.eval_split=test", "dataset.val_split=test",
+                        "dataset.train_split=test", "train.max_steps=2", "comm.codebook.codes=16",
+                        "comm.codebook.fit_samples=4", "comm.selection.threshold=0.0", "comm.selection.top_k=40",
+                        *TINY] for a in ("--set", s)]
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--ego-checkpoint", str(ego / "last.pt"),
+                                      "--out", str(out), "--fusions", "max,uncertainty_trust", "--epochs", "1", *sets])
+    assert result.exit_code == 0, result.output
+    rep = json.loads((out / "fusion.json").read_text())
+    assert set(rep["rows"]) == {"max", "max + motion", "uncertainty_trust", "uncertainty_trust + motion"}
+    assert len(rep["conditions"]) == 7 and {"none", "late", "max", "uncertainty_trust"} <= set(rep["methods"])
+    for row in rep["rows"].values():
+        assert list(row["conditions"]) == rep["conditions"]
+        clean = row["conditions"]["clean"]
+        assert clean["ms"]["fusion"] > 0 and clean["bytes_per_agent_frame"] > 0
+        assert set(row["loss_vs_clean"]) == set(rep["conditions"][1:])
+    # the motion section costs bytes; the uncertainty the trust fusion uses too
+    rows = rep["rows"]
+    assert rows["max + motion"]["conditions"]["clean"]["bytes_per_frame"] >= rows["max"]["conditions"]["clean"]["bytes_per_frame"]
+    assert rows["uncertainty_trust"]["conditions"]["clean"]["bytes_per_agent_frame"] > \
+        rows["max"]["conditions"]["clean"]["bytes_per_agent_frame"]
+    for name in ("max", "uncertainty_trust"):  # one start and one recipe for both
+        stored = load_checkpoint(out / "fusion" / "train" / name / "last.pt")["config"]
+        assert (stored["train"]["init_from"], stored["fusion"]["method"]) == (str(runs / "max" / "best.pt"), name)
+    assert (out / "fusion.png").stat().st_size > 1000

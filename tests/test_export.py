@@ -48,7 +48,12 @@ def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, fp32_export):
     assert check["frames"] == 9
     assert check["agent"]["max_abs_diff"] < 1e-4 and check["ego"]["max_abs_diff"] < 1e-4
     assert check["agent"]["integer_mismatch"] < 0.01  # codes: only cells halfway between two codes may flip
+    # the top cells the graph codes: the same set but for cells of equal confidence (e.g. empty ones)
+    assert check["agent"]["top_cells_differing"] < 0.5
     assert spec["codebook_hash"] and spec["precision"] == "fp32"
+    graph = spec["agent_graph"]  # pillar slots sized to the data: 1.5x the fullest view, in steps of 256
+    assert graph["pillar_capacity"] % 256 == 0 and graph["pillar_capacity"] >= 1.5 * graph["fullest_view_pillars"]
+    assert graph["pillar_capacity"] < graph["fullest_view_pillars"] * 1.5 + 256 and graph["code_cells"] == 512
     assert qdq_violations(onnx.load(tmp_path / "agent.onnx"))  # FP32: nothing is quantized (the check can fail)
     # the exported pipeline evaluates like the torch one: same messages on the wire, same AP
     from coperception.evaluate import evaluate_method
@@ -60,6 +65,31 @@ def test_onnxruntime_fp32_matches_torch(codebook_checkpoint, fp32_export):
     assert ort_entry["bytes_per_frame"] == pytest.approx(torch_entry["bytes_per_frame"], rel=0.01)
     for t in ("0.3", "0.5", "0.7"):
         assert abs(ort_entry["ap"][t] - torch_entry["ap"][t]) < 0.01
+
+
+def test_cells_beyond_the_graphs_coded_ones_and_views_beyond_its_capacity(codebook_checkpoint, tmp_path):
+    """An agent graph that codes only its 4 most confident cells, with 64 pillar slots: the cells a
+    sender selects beyond them are coded from their features (the same bytes as torch), and a view with
+    more pillars keeps the same random subset every time."""
+    from coperception.datasets.voxelize import Voxels
+    from coperception.evaluate import evaluate_method
+    from coperception.export.onnx import agent_inputs
+    from coperception.export.runtime import OnnxRuntimeModel, load_export_config
+    from coperception.pipeline.model import load_model
+
+    cfg, checkpoint = codebook_checkpoint
+    spec = export_model(checkpoint, cfg, tmp_path, check_frames=1, code_cells=4, capacity=64, log=lambda _: None)
+    assert (spec["agent_graph"]["code_cells"], spec["agent_graph"]["pillar_capacity"]) == (4, 64)
+    torch_entry = evaluate_method(load_model(checkpoint, cfg), cfg, "test", progress=False, limit=3)
+    ort_entry = evaluate_method(OnnxRuntimeModel(tmp_path, load_export_config(tmp_path, [])), cfg, "test",
+                                progress=False, limit=3)
+    assert ort_entry["bytes_per_frame"] > 0  # 40 cells a sender (top_k) although the graph coded 4
+    assert ort_entry["bytes_per_frame"] == pytest.approx(torch_entry["bytes_per_frame"], rel=0.05)
+    rng = np.random.default_rng(0)
+    many = Voxels(rng.random((100, 4, 4)).astype(np.float32), rng.integers(0, 50, (100, 3)).astype(np.int32),
+                  np.full(100, 4, np.int32))
+    first, again = agent_inputs(many, 64), agent_inputs(many, 64)
+    assert all((a == b).all() for a, b in zip(first, again)) and int((first[1] > 0).sum()) == 64
 
 
 def test_latency_bench_reports_every_stage(codebook_checkpoint, fp32_export, tmp_path):
@@ -100,6 +130,13 @@ def test_unsupported_models_fail_export_naming_what(opv2v_set, tmp_path):
     train(cfg, progress=False)
     with pytest.raises(ExportError, match="strategy 'none'"):
         export_model(tmp_path / "none" / "last.pt", cfg, tmp_path / "x", log=lambda _: None)
+    from coperception.export.graphs import check_exportable
+    from coperception.pipeline.model import build_model
+
+    trust = tiny_config(opv2v_set, tmp_path / "t", "cooperation.strategy=intermediate", "comm.codec=sparse",
+                        "fusion.method=uncertainty_trust")
+    with pytest.raises(ExportError, match="fusion 'uncertainty_trust' unsupported"):
+        check_exportable(build_model(trust))
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(tmp_path / "none" / "last.pt"), "--out",
                                       str(tmp_path / "y")])
     assert result.exit_code == 2 and "intermediate" in result.output

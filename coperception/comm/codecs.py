@@ -110,8 +110,15 @@ class CodebookCodec(CellCodec):
     def payload(self, vectors: torch.Tensor) -> dict[str, Any]:
         return self.payload_codes(self.quantizer.encode(vectors))
 
-    def payload_codes(self, codes: torch.Tensor) -> dict[str, Any]:
-        """(K, m, r) codes computed elsewhere (an exported agent graph) -> the payload fields."""
+    def payload_codes(self, codes: torch.Tensor, vectors: torch.Tensor | None = None) -> dict[str, Any]:
+        """(K, m, r) codes computed elsewhere (an exported agent graph) -> the payload fields. A cell whose
+        codes are negative (not computed there) is coded here from its row of `vectors` (K, C)."""
+        missing = (codes < 0).flatten(1).any(dim=1)
+        if bool(missing.any()):
+            if vectors is None:
+                raise ValueError(f"{int(missing.sum())} cells without codes and no features to code them from")
+            codes = codes.clone()
+            codes[missing] = self.quantizer.encode(vectors[missing].to(self.quantizer.codebook.device)).to(codes.device)
         return {"kind": MessageKind.CODES, "codes": codes.cpu().numpy().astype(np.int64), "bits": self.quantizer.bits}
 
     def vectors(self, msg: Message) -> torch.Tensor:

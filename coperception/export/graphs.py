@@ -1,7 +1,8 @@
 """The two graphs a deployment runs, as plain tensor-in / tensor-out modules that export to ONNX.
 
 - `AgentGraph` (every car and roadside unit): a fixed number of pillars -> BEV features -> the
-  confidence map its selection ranks -> for codebook messages, the codes of every cell.
+  confidence map its selection ranks -> for codebook messages, the codes of its `code_cells` most
+  confident cells (the cells a selection sends come from the top of that ranking).
 - `EgoGraph` (the ego): the decoded features of up to L agents, the sampling matrices of their
   warps and their arrived masks -> warp -> fusion -> detection head.
 
@@ -46,15 +47,17 @@ def check_exportable(model) -> None:
 
 class AgentGraph(nn.Module):
     """voxels (P, N, 4), num_points (P,), coords (P, 3) as (z, y, x) with unused slots at num_points 0
-    -> features (1, C, H, W), confidence (1, H, W) and, for codebook messages, codes (H*W, m, r) int64."""
+    -> features (1, C, H, W), confidence (1, H, W) and, for codebook messages, the flat indices of the
+    `code_cells` most confident cells (K,) and their codes (K, m, r) int64."""
 
-    def __init__(self, model):
+    def __init__(self, model, code_cells: int = 512):
         super().__init__()
         check_exportable(model)
         self.encoder: PointPillarsEncoder = next(iter(model.encoders.nets.values()))
         self.head_cls = model.head.cls
         codec = model.agent.codec
         self.quantizer = codec.quantizer if isinstance(codec, CodebookCodec) else None
+        self.code_cells = min(code_cells, model.feature_grid.cells)
 
     def forward(self, voxels: torch.Tensor, num_points: torch.Tensor, coords: torch.Tensor):
         enc = self.encoder
@@ -73,8 +76,9 @@ class AgentGraph(nn.Module):
         confidence = torch.sigmoid(self.head_cls(feats)).amax(dim=1)
         if self.quantizer is None:
             return feats, confidence
-        cells = feats[0].flatten(1).transpose(0, 1)  # (H*W, C)
-        return feats, confidence, self.quantizer.encode(cells)
+        top = torch.topk(confidence.flatten(), self.code_cells).indices  # searching codes for every cell costs most
+        cells = feats[0].flatten(1).transpose(0, 1)[top]  # (K, C)
+        return feats, confidence, top, self.quantizer.encode(cells)
 
 
 class EgoGraph(nn.Module):

@@ -24,7 +24,7 @@ from coperception.config import ExperimentConfig
 from coperception.datasets.collate import prepare_sample, views_batch
 from coperception.datasets.readers import build_dataset
 from coperception.datasets.voxelize import voxelize
-from coperception.export.onnx import AGENT_INPUTS, EGO_INPUTS, agent_inputs, ego_inputs, ort_session
+from coperception.export.onnx import AGENT_INPUTS, EGO_INPUTS, agent_inputs, ego_inputs, full_codes, ort_session
 from coperception.io import read_json, write_json
 from coperception.models.postprocess import decode_detections
 from coperception.pipeline.ego import Delivery
@@ -67,7 +67,7 @@ def bench_latency(cfg: ExperimentConfig, checkpoint: str | Path, exports: dict[s
     def serialize(feats: torch.Tensor, conf: torch.Tensor, codes: torch.Tensor | None) -> list[bytes]:
         cells = torch.nonzero(conf.flatten() >= threshold, as_tuple=True)[0]
         if codes is not None:
-            payload = codec.payload_codes(codes[cells])
+            payload = codec.payload_codes(codes[cells], feats.flatten(1)[:, cells].T.contiguous())
         else:
             payload = codec.payload(feats.flatten(1)[:, cells].T.contiguous())
         extra = {"codebook_hash": codec.digest()} if codec.digest() is not None else {}
@@ -110,7 +110,7 @@ def bench_latency(cfg: ExperimentConfig, checkpoint: str | Path, exports: dict[s
         stages = {}
         stages["agent_graph"], outs = _time(lambda: agent_sess.run(None, feeds), runs, warmup)
         f, c = torch.from_numpy(outs[0]), torch.from_numpy(outs[1])
-        k = torch.from_numpy(outs[2]) if len(outs) > 2 else None
+        k = torch.from_numpy(full_codes(outs[2], outs[3], grid.cells)) if len(outs) > 2 else None
         stages["select_serialize"], packets = _time(lambda: serialize(f[0], c[0], k), runs, warmup)
         stages["decode"], received = _time(lambda: decode(packets), runs, warmup)
         ego_feeds = {n: a.numpy() for n, a in zip(EGO_INPUTS, ego_inputs(delivery, grid))}

@@ -27,7 +27,7 @@ from coperception.datasets.collate import PreparedSample, views_batch
 from coperception.datasets.prepared import PreparedDataset
 from coperception.datasets.readers import build_dataset
 from coperception.datasets.voxelize import Voxels
-from coperception.errors import ConfigError, OutputError
+from coperception.errors import OutputError
 from coperception.export.graphs import AgentGraph, EgoGraph, ExportError, check_exportable
 from coperception.export.quant import KEEP_FLOAT, Calibration, calibrate, quantize
 from coperception.grid import affine_to_source
@@ -45,21 +45,47 @@ IN_NUMPY = ["voxelization and padding the pillars to the fixed capacity", "choos
 
 
 def pillar_capacity(cfg: ExperimentConfig) -> int:
-    """Pillars per view the agent graph takes: the evaluation voxel cap."""
+    """The evaluation voxel cap: the most pillars per view the agent graph may take."""
     return cfg.model.max_voxels_test or cfg.model.max_voxels
 
 
+CAPACITY_MARGIN = 1.5  # auto capacity: this much above the fullest view seen, in steps of CAPACITY_STEP
+CAPACITY_STEP = 256
+
+
+def auto_capacity(cfg: ExperimentConfig, mode, frames: int) -> tuple[int, int]:
+    """(capacity, fullest view): the pillar slots of the agent graph sized to the data, `CAPACITY_MARGIN`
+    above the most pillars of any view of the first `frames` training frames, at most the voxel cap.
+    Every slot costs the pillar net the same whether filled or not, so the evaluation cap (70,000 on
+    real data) would make the graph pay for pillars a view never has."""
+    data = PreparedDataset(build_dataset(cfg.dataset, cfg.dataset.train_split), cfg.dataset, cfg.model, mode)
+    fullest = max((len(v.voxels.num_points) for i in range(min(frames, len(data))) for v in data[i].agents), default=1)
+    steps = int(np.ceil(fullest * CAPACITY_MARGIN / CAPACITY_STEP))
+    return min(max(steps, 1) * CAPACITY_STEP, pillar_capacity(cfg)), fullest
+
+
 def agent_inputs(voxels: Voxels, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One view's pillars padded to `capacity` slots (empty slots: 0 points) -> the agent graph's inputs."""
+    """One view's pillars padded to `capacity` slots (empty slots: 0 points) -> the agent graph's inputs.
+    A view with more pillars keeps a random subset of `capacity` (the same for the same view, as the
+    voxelizer's cap does)."""
     n = len(voxels.num_points)
+    v, num_points, xyz = voxels.voxels, voxels.num_points, voxels.coords
     if n > capacity:
-        raise ConfigError(f"{n} pillars exceed the agent graph's capacity of {capacity} (model.max_voxels_test)")
-    P, N, F = capacity, voxels.voxels.shape[1], voxels.voxels.shape[2]
+        keep = np.sort(np.random.default_rng(n).choice(n, capacity, replace=False))
+        v, num_points, xyz, n = v[keep], num_points[keep], xyz[keep], capacity
+    P, N, F = capacity, v.shape[1], v.shape[2]
     vox = np.zeros((P, N, F), np.float32)
     num = np.zeros(P, np.int32)
     coords = np.zeros((P, 3), np.int32)
-    vox[:n], num[:n], coords[:n] = voxels.voxels, voxels.num_points, voxels.coords
+    vox[:n], num[:n], coords[:n] = v, num_points, xyz
     return torch.from_numpy(vox), torch.from_numpy(num), torch.from_numpy(coords)
+
+
+def full_codes(cells: np.ndarray, codes: np.ndarray, n_cells: int) -> np.ndarray:
+    """The agent graph's codes of its top cells -> (H*W, m, r) with -1 for the cells it did not code."""
+    out = np.full((n_cells, *codes.shape[1:]), -1, dtype=np.int64)
+    out[cells] = codes
+    return out
 
 
 def ego_inputs(delivery: Delivery, grid) -> tuple[torch.Tensor, ...]:
@@ -73,13 +99,12 @@ def ego_inputs(delivery: Delivery, grid) -> tuple[torch.Tensor, ...]:
             delivery.kind.long().cpu())
 
 
-def sample_inputs(model, cfg: ExperimentConfig, split: str, frames: int) -> Iterator[tuple[list, tuple]]:
+def sample_inputs(model, cfg: ExperimentConfig, split: str, frames: int, capacity: int) -> Iterator[tuple[list, tuple]]:
     """For the first `frames` samples of `split`: each view's agent-graph inputs and the ego-graph inputs
     of what the ego received (through the configured comm session, with the torch model)."""
     data = PreparedDataset(build_dataset(cfg.dataset, split), cfg.dataset, cfg.model,
                            model.strategy.input_mode(False, cfg.cooperation.project_first))
     session = CommSession.for_config(model.agent, model.confidence, cfg)
-    capacity = pillar_capacity(cfg)
     for i in range(min(frames, len(data))):
         p: PreparedSample = data[i]
         encoded: list = []
@@ -130,28 +155,44 @@ def ort_session(path: str | Path):
 def compare_with_ort(graph: torch.nn.Module, path: Path, names: list[str], samples: list[tuple]) -> dict[str, float]:
     """The torch graph against its ONNX file over `samples`: the largest absolute difference of the float
     outputs and the fraction of integer outputs (codes) that differ (a cell halfway between two codes
-    may tip either way under a different summation order)."""
+    may tip either way under a different summation order). An agent graph's top cells are compared as
+    sets: cells of equal confidence may come in another order, so codes are compared cell by cell where
+    both coded the cell, and `top_cells_differing` counts cells only one of them chose."""
     sess = ort_session(path)
-    worst, differing, total = 0.0, 0, 0
+    worst, differing, total, other_cells, top_total = 0.0, 0, 0, 0, 0
     with torch.no_grad():
         for args in samples:
-            ref = graph(*args)
+            ref = [r.numpy() for r in graph(*args)]
             got = sess.run(None, {n: a.numpy() for n, a in zip(names, args)})
+            if len(ref) == 4:  # features, confidence, top cells, their codes
+                ref_codes, got_codes = dict(zip(ref[2].tolist(), ref[3])), dict(zip(got[2].tolist(), got[3]))
+                common = ref_codes.keys() & got_codes.keys()
+                other_cells += len(ref_codes) - len(common)
+                top_total += len(ref_codes)
+                differing += sum(int((ref_codes[c] != got_codes[c]).sum()) for c in common)
+                total += sum(ref_codes[c].size for c in common)
+                ref, got = ref[:2], got[:2]
             for r, g in zip(ref, got):
-                if r.dtype.is_floating_point:
-                    worst = max(worst, float(np.abs(r.numpy().astype(np.float64) - g.astype(np.float64)).max()))
+                if np.issubdtype(r.dtype, np.floating):
+                    worst = max(worst, float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()))
                 else:
-                    differing += int((r.numpy() != g).sum())
+                    differing += int((r != g).sum())
                     total += g.size
-    return {"max_abs_diff": worst, "integer_mismatch": differing / total if total else 0.0}
+    result = {"max_abs_diff": worst, "integer_mismatch": differing / total if total else 0.0}
+    if top_total:
+        result["top_cells_differing"] = other_cells / top_total
+    return result
 
 
 def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path, int8: bool = False,
                  calib_frames: int = 32, calibration: Calibration = "percentile", check_frames: int = 4,
-                 log: Callable[[str], None] = print) -> dict[str, Any]:
+                 log: Callable[[str], None] = print, capacity: int | None = None,
+                 code_cells: int = 512) -> dict[str, Any]:
     """Write `agent.onnx`, `ego.onnx` and `spec.json` to `out` for `checkpoint` (as `cfg` describes it);
     with `int8`, W8A8 with explicit Q/DQ calibrated on `calib_frames` training frames. Both files are
-    run with onnxruntime on `check_frames` test frames and compared with the torch graphs."""
+    run with onnxruntime on `check_frames` test frames and compared with the torch graphs. `capacity`:
+    pillar slots of the agent graph (None: sized to the training frames, `auto_capacity`); `code_cells`:
+    how many of its most confident cells the agent graph codes."""
     from coperception.pipeline.model import load_model
 
     out = Path(out)
@@ -160,19 +201,25 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
     if int8 and type(model.ego.fusion).__name__ not in ("MaxFusion", "MeanFusion"):
         raise ExportError(f"export --int8: fusion {type(model.ego.fusion).__name__} multiplies activations with "
                           "activations, which the W8A8 path does not quantize yet; export it without --int8")
-    agent, ego = AgentGraph(model).eval(), EgoGraph(model).eval()
+    mode = model.strategy.input_mode(False, cfg.cooperation.project_first)
+    fullest = None
+    if capacity is None:
+        capacity, fullest = auto_capacity(cfg, mode, max(calib_frames, check_frames))
+        log(f"pillar capacity {capacity} (the fullest of the first {max(calib_frames, check_frames)} training frames' "
+            f"views has {fullest} pillars)")
+    agent, ego = AgentGraph(model, code_cells).eval(), EgoGraph(model).eval()
     scales: dict[str, float] = {}
     if int8:
         agent, ego = quantize(agent), quantize(ego)
         log(f"calibrating on {calib_frames} {cfg.dataset.train_split} frames ({calibration})")
-        calib = list(sample_inputs(model, cfg, cfg.dataset.train_split, calib_frames))
+        calib = list(sample_inputs(model, cfg, cfg.dataset.train_split, calib_frames, capacity))
         scales.update({f"agent.{k}": v for k, v in calibrate(agent, [a for views, _ in calib for a in views],
                                                               calibration).items()})
         scales.update({f"ego.{k}": v for k, v in calibrate(ego, [e for _, e in calib], calibration).items()})
-    checks = list(sample_inputs(model, cfg, cfg.dataset.eval_split, check_frames))
+    checks = list(sample_inputs(model, cfg, cfg.dataset.eval_split, check_frames, capacity))
     agent_example, ego_example = checks[0][0][0], checks[0][1]
     t0 = time.perf_counter()
-    outputs = ["features", "confidence"] + (["codes"] if agent.quantizer is not None else [])
+    outputs = ["features", "confidence"] + (["code_cells", "codes"] if agent.quantizer is not None else [])
     _onnx_export(agent, agent_example, out / "agent.onnx", AGENT_INPUTS, outputs)
     agents = torch.export.Dim("agents", min=1, max=64)  # the ego graph takes any number of senders
     _onnx_export(ego, ego_example, out / "ego.onnx", EGO_INPUTS, EGO_OUTPUTS,
@@ -189,7 +236,8 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
         "agent_graph": {"file": "agent.onnx", "inputs": {
             "voxels": ["P", cfg.model.max_points_per_voxel, 4, "float32"], "num_points": ["P", "int32"],
             "coords": ["P", 3, "int32 (z, y, x) pillar indices; empty slots have num_points 0"]},
-            "outputs": outputs, "pillar_capacity": pillar_capacity(cfg)},
+            "outputs": outputs, "pillar_capacity": capacity, "fullest_view_pillars": fullest,
+            "code_cells": agent.code_cells if agent.quantizer is not None else None},
         "ego_graph": {"file": "ego.onnx", "inputs": {
             "features": ["L", model.encoders.out_channels, model.feature_grid.height, model.feature_grid.width, "float32"],
             "theta": ["L", 2, 3, "float32, affine_grid matrix of each agent's warp (grid.affine_to_source)"],

@@ -18,7 +18,7 @@ from coperception.config import ExperimentConfig, config_from_dict
 from coperception.datasets.voxelize import Voxels
 from coperception.errors import DataFormatError
 from coperception.export.graphs import ExportError
-from coperception.export.onnx import AGENT_INPUTS, EGO_INPUTS, agent_inputs, ego_inputs, ort_session
+from coperception.export.onnx import AGENT_INPUTS, EGO_INPUTS, agent_inputs, ego_inputs, full_codes, ort_session
 from coperception.io import read_json, read_yaml
 from coperception.models.heads import HeadOutput
 from coperception.pipeline.ego import Delivery
@@ -47,6 +47,9 @@ class OnnxRuntimeModel:
         if cfg.comm.consistency.enabled:
             raise ExportError("eval --onnx: comm.consistency needs the head on combined features, which the exported "
                               "graphs do not contain; evaluate without it")
+        if cfg.fusion.motion.enabled:
+            raise ExportError("eval --onnx: motion compensation (fusion.motion.enabled) is not in the exported ego "
+                              "graph; evaluate without it")
         shell = build_model(cfg)  # selection, codec, anchors and strategy; the weights come from the graphs
         if shell.agent is None:
             raise ExportError("eval --onnx: the export is not an intermediate-fusion model")
@@ -87,7 +90,8 @@ class OnnxRuntimeModel:
                 for v in self._views(batch.to("cpu"))]
         feats = torch.from_numpy(np.concatenate([o[0] for o in outs]))
         conf = torch.from_numpy(np.concatenate([o[1] for o in outs]))
-        codes = torch.from_numpy(np.stack([o[2] for o in outs])) if len(outs[0]) > 2 else None
+        cells = self.feature_grid.cells
+        codes = torch.from_numpy(np.stack([full_codes(o[2], o[3], cells) for o in outs])) if len(outs[0]) > 2 else None
         return EncodedViews(feats, conf, codes)
 
     def confidence(self, feats: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ from coperception.pipeline.ego import Delivery
 @dataclass
 class EncodedViews:
     """What an agent-side encoder gives for some views: (n, C, H, W) features and, when it computes them
-    too (an exported agent graph), their (n, H, W) confidence and the codes of every cell (n, H*W, m, r)."""
+    too (an exported agent graph), their (n, H, W) confidence and the codes of the cells (n, H*W, m, r),
+    negative for cells it did not code (the session codes those it sends from their features)."""
 
     features: torch.Tensor
     confidence: torch.Tensor | None = None
@@ -260,8 +261,8 @@ class CommSession:
         if uncertainty is not None:
             picked = uncertainty.flatten(1)[:, cells.to(uncertainty.device)].T  # (N, 2)
             extra["uncertainty"] = quantize_uncertainty(picked).cpu().numpy()
-        if codes is not None and isinstance(codec, CodebookCodec):
-            payload = codec.payload_codes(codes[cells.to(codes.device)])
+        if codes is not None and isinstance(codec, CodebookCodec):  # cells the encoder left uncoded are coded here
+            payload = codec.payload_codes(codes[cells.to(codes.device)], feats.flatten(1)[:, cells].T.contiguous())
         else:
             payload = codec.payload(feats.flatten(1)[:, cells].T.contiguous())  # (N, C) vectors
         self.sequence += 1

@@ -93,3 +93,26 @@ def plot_robustness(rep: dict[str, Any], path: str | Path) -> None:
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_fusion(rep: dict[str, Any], path: str | Path) -> None:
+    """AP@0.5 of every fusion row (`bench fusion`) under each condition, the ego-only model as a reference."""
+    conditions = rep["conditions"]
+    rows = rep["rows"]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(conditions)), 4.4), dpi=110)
+    for k, (label, row) in enumerate(rows.items()):
+        values = [row["conditions"][c]["ap"]["0.5"] for c in conditions]
+        ax.plot(range(len(conditions)), values, marker="o", color=CURVE_COLOURS[k % len(CURVE_COLOURS)],
+                linestyle="-" if "motion" in label else "--", label=label)
+    for name, style in (("none", ":"), ("late", "-.")):
+        value = rep["methods"].get(name, {}).get("ap", {}).get("0.5")
+        if value is not None:
+            ax.axhline(value, color="#7f7f7f", linestyle=style,
+                       label="ego only (nothing sent)" if name == "none" else "late fusion, clean channel")
+    ax.set_xticks(range(len(conditions)), conditions, fontsize=8, rotation=20)
+    ax.set_ylabel("AP@0.5 (global sort)")
+    ax.set_title("Fusion of codebook messages under channel impairments", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    fig.tight_layout()
+    _save(fig, path)
