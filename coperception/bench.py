@@ -281,9 +281,12 @@ FUSION_CONDITIONS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20, motion_objects: int = 5) -> float:
-    """Median milliseconds of the ego side (the one warp, motion compensation when `cfg` turns it on, the
-    fusion) for one frame of `agents` views at the model's BEV size, on the model's device, no gradients."""
+def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20, motion_objects: int = 5
+              ) -> dict[str, float]:
+    """Median milliseconds of the ego side (`fusion`: the one warp, motion compensation when `cfg` turns it
+    on, the fusion) for one frame of `agents` views at the model's BEV size, on the model's device, no
+    gradients; and of what a sender computes for it beside its features: `sender_uncertainty` (MC-dropout
+    passes, a fusion that uses uncertainty) and `sender_motion` (its own boxes and their tracking)."""
     import numpy as np
     import torch
 
@@ -306,16 +309,31 @@ def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20
     unc = torch.rand(agents, 2, grid.height, grid.width, generator=g).to(device) if model.uncertainty is not None else None
     delivery = Delivery(feats, None, [agents], T.to(device), torch.tensor([0.0] + [0.2] * (agents - 1), device=device),
                         torch.zeros(agents, dtype=torch.int64, device=device), unc, motion)
-    times = []
-    with torch.no_grad():
-        for k in range(runs + 3):
-            t0 = time.perf_counter()
-            model.ego(delivery, model.head.confidence_map)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if k >= 3:
-                times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+    def median_ms(step: Callable[[], Any]) -> float:
+        times = []
+        with torch.no_grad():
+            for k in range(runs + 3):
+                t0 = time.perf_counter()
+                step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if k >= 3:
+                    times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+
+    out = {"fusion": median_ms(lambda: model.ego(delivery, model.head.confidence_map))}
+    one = feats[1:2]
+    if model.uncertainty is not None:
+        out["sender_uncertainty"] = median_ms(lambda: model.sent_uncertainty(one))
+    if cfg.fusion.motion.enabled:
+        from coperception.config import MotionSettings
+        from coperception.fusion.motion import MotionTracker
+
+        tracker = MotionTracker(MotionSettings())
+        clock = iter(np.arange(10_000) * 0.1)
+        out["sender_motion"] = median_ms(lambda: tracker.update(
+            model.boxes(one, cfg.eval.score_threshold, cfg.eval.nms_threshold)[0][:, :2], float(next(clock))))
+    return out
 
 
 def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkpoint: Path | None, out: Path,
@@ -350,7 +368,7 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
                 entry["params"]["condition"] = condition
                 entries[condition] = entry
             model = load_model(checkpoint, cond)
-            entries["clean"]["ms"]["fusion"] = fusion_ms(model, cond)
+            entries["clean"]["ms"].update(fusion_ms(model, cond))
             rows[label] = {"checkpoint": str(checkpoint), "conditions": entries}
             if label not in methods:
                 methods[label] = entries["clean"]

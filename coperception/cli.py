@@ -374,7 +374,7 @@ def export(
     tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (needs tensorrt; "
                                   "otherwise prints the trtexec commands)."),
     pillar_capacity: Optional[int] = typer.Option(None, "--pillar-capacity", min=1, help="Pillar slots of the agent "
-                                                  "graph (default: 1.5x the fullest view of the calibration frames)."),
+                                                  "graph (default: 1.5x the fullest view of 64 training frames spread over the split)."),
     code_cells: int = typer.Option(512, "--code-cells", min=1, help="The agent graph codes its this many most "
                                    "confident cells (a selected cell beyond them is coded outside the graph)."),
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),

@@ -51,15 +51,18 @@ def pillar_capacity(cfg: ExperimentConfig) -> int:
 
 CAPACITY_MARGIN = 1.5  # auto capacity: this much above the fullest view seen, in steps of CAPACITY_STEP
 CAPACITY_STEP = 256
+CAPACITY_FRAMES = 64
 
 
 def auto_capacity(cfg: ExperimentConfig, mode, frames: int) -> tuple[int, int]:
     """(capacity, fullest view): the pillar slots of the agent graph sized to the data, `CAPACITY_MARGIN`
-    above the most pillars of any view of the first `frames` training frames, at most the voxel cap.
-    Every slot costs the pillar net the same whether filled or not, so the evaluation cap (70,000 on
-    real data) would make the graph pay for pillars a view never has."""
+    above the most pillars of any view of `frames` training frames spread evenly over the split (the
+    first frames of a split are one scene), at most the voxel cap. Every slot costs the pillar net the
+    same whether filled or not, so the evaluation cap (70,000 on real data) would make the graph pay for
+    pillars a view never has."""
     data = PreparedDataset(build_dataset(cfg.dataset, cfg.dataset.train_split), cfg.dataset, cfg.model, mode)
-    fullest = max((len(v.voxels.num_points) for i in range(min(frames, len(data))) for v in data[i].agents), default=1)
+    picked = np.unique(np.linspace(0, len(data) - 1, min(frames, len(data))).round().astype(int)) if len(data) else []
+    fullest = max((len(v.voxels.num_points) for i in picked for v in data[int(i)].agents), default=1)
     steps = int(np.ceil(fullest * CAPACITY_MARGIN / CAPACITY_STEP))
     return min(max(steps, 1) * CAPACITY_STEP, pillar_capacity(cfg)), fullest
 
@@ -191,7 +194,7 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
     """Write `agent.onnx`, `ego.onnx` and `spec.json` to `out` for `checkpoint` (as `cfg` describes it);
     with `int8`, W8A8 with explicit Q/DQ calibrated on `calib_frames` training frames. Both files are
     run with onnxruntime on `check_frames` test frames and compared with the torch graphs. `capacity`:
-    pillar slots of the agent graph (None: sized to the training frames, `auto_capacity`); `code_cells`:
+    pillar slots of the agent graph (None: sized to 64 training frames, `auto_capacity`); `code_cells`:
     how many of its most confident cells the agent graph codes."""
     from coperception.pipeline.model import load_model
 
@@ -204,9 +207,9 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
     mode = model.strategy.input_mode(False, cfg.cooperation.project_first)
     fullest = None
     if capacity is None:
-        capacity, fullest = auto_capacity(cfg, mode, max(calib_frames, check_frames))
-        log(f"pillar capacity {capacity} (the fullest of the first {max(calib_frames, check_frames)} training frames' "
-            f"views has {fullest} pillars)")
+        capacity, fullest = auto_capacity(cfg, mode, CAPACITY_FRAMES)
+        log(f"pillar capacity {capacity} (the fullest view of {CAPACITY_FRAMES} training frames spread over the split "
+            f"has {fullest} pillars)")
     agent, ego = AgentGraph(model, code_cells).eval(), EgoGraph(model).eval()
     scales: dict[str, float] = {}
     if int8:

@@ -34,22 +34,24 @@ class UncertaintyHead(nn.Module):
         nn.init.zeros_(self.log_var.weight)
         nn.init.zeros_(self.log_var.bias)
 
-    def _pass(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass with dropout on (training and MC sampling alike): (N, R, H, W) logits, (N, R, 3, H, W) log-var."""
-        hidden = F.dropout(self.body(features), self.dropout, training=True)
-        N, _, H, W = features.shape
-        return self.cls(hidden), self.log_var(hidden).view(N, self.r, len(REG_DIMS), H, W)
+    def _pass(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass with dropout on (training and MC sampling alike) over the body's output: (N, R, H, W)
+        logits, (N, R, 3, H, W) log-var. The body before the dropout is the same for every pass."""
+        dropped = F.dropout(hidden, self.dropout, training=True)
+        N, _, H, W = hidden.shape
+        return self.cls(dropped), self.log_var(dropped).view(N, self.r, len(REG_DIMS), H, W)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._pass(features)
+        return self._pass(self.body(features))
 
     @torch.no_grad()
     def estimate(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, 2, H, W): aleatoric std (mean over x, y, yaw of the most confident anchor)
         and epistemic std of the objectness over `passes` MC-dropout passes."""
         probs, log_vars = [], []
+        hidden = self.body(features)
         for _ in range(self.passes):
-            logits, log_var = self._pass(features)
+            logits, log_var = self._pass(hidden)
             probs.append(torch.sigmoid(logits))  # (N, R, H, W)
             log_vars.append(log_var)
         p = torch.stack(probs)  # (T, N, R, H, W)
