@@ -95,8 +95,9 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
         assert list(row["conditions"]) == rep["conditions"]
         clean = row["conditions"]["clean"]
         assert clean["ms"]["fusion"] > 0 and clean["bytes_per_agent_frame"] > 0
-    assert rep["rows"]["uncertainty_trust + motion"]["conditions"]["clean"]["ms"].keys() >= {"sender_uncertainty", "sender_motion"}
         assert set(row["loss_vs_clean"]) == set(rep["conditions"][1:])
+    assert rep["rows"]["uncertainty_trust + motion"]["conditions"]["clean"]["ms"].keys() >= {"sender_uncertainty",
+                                                                                              "sender_motion"}
     # the motion section costs bytes; the uncertainty the trust fusion uses too
     rows = rep["rows"]
     assert rows["max + motion"]["conditions"]["clean"]["bytes_per_frame"] >= rows["max"]["conditions"]["clean"]["bytes_per_frame"]
