@@ -191,12 +191,23 @@ def _codebook_specs(text: str) -> list[tuple[int, int, int]]:
     return specs
 
 
+DEMO_RUNS = typer.Option(Path("outputs/demo/train"), help="Folder with the max/ (and early/) runs of `demo`; every "
+                         "model the bench fine-tunes starts from max/best.pt.")
+
+
+def _demo_checkpoints(runs: Path) -> dict[str, Path]:
+    """The demo's early and max checkpoints under `runs` (max is required)."""
+    checkpoints = {m: runs / m / "best.pt" for m in ("early", "max") if (runs / m / "best.pt").is_file()}
+    if "max" not in checkpoints:
+        raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
+    return checkpoints
+
+
 @bench_app.command("comm")
 def bench_comm_command(
     config: Path = typer.Option(Path("configs/synthetic_codebook.yaml"), "--config", help="Experiment YAML; its train "
                                 "section is the fine-tuning recipe of every benchmarked model."),
-    runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with the max/ (and early/) runs of `demo`; "
-                       "every benchmarked model starts from max/best.pt."),
+    runs: Path = DEMO_RUNS,
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder."),
     thresholds: str = typer.Option("0.05,0.1,0.2,0.4", help="Selection thresholds to sweep."),
     codebooks: str = typer.Option("2x1x256,4x2x256,8x2x256", help="Codebooks to sweep as SEGMENTSxSTAGESxCODES "
@@ -212,9 +223,7 @@ def bench_comm_command(
 
     try:
         cfg = load_config(config, _with_device(overrides, device))
-        checkpoints = {m: runs / m / "best.pt" for m in ("early", "max") if (runs / m / "best.pt").is_file()}
-        if "max" not in checkpoints:
-            raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
+        checkpoints = _demo_checkpoints(runs)
         bench_comm(cfg, checkpoints, out, _float_list(thresholds), _codebook_specs(codebooks),
                    epochs or cfg.train.epochs, log=typer.echo)
     except CoperceptionError as exc:
@@ -225,8 +234,7 @@ def bench_comm_command(
 def bench_fusion_command(
     config: Path = typer.Option(Path("configs/synthetic_fusion.yaml"), "--config", help="Experiment YAML: the codebook "
                                 "messages and selection every fusion receives, and the fine-tuning recipe of each."),
-    runs: Path = typer.Option(Path("outputs/demo/train"), help="Folder with the max/ (and early/) runs of `demo`; "
-                       "every fusion starts from max/best.pt."),
+    runs: Path = DEMO_RUNS,
     ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/last.pt"), help="Ego-only checkpoint "
                                                   "(ego-only and late rows; default: the one `bench comm` fine-tunes)."),
     fusions: str = typer.Option("max,attention,uncertainty_trust", help="Fusion methods to fine-tune and compare."),
@@ -246,9 +254,7 @@ def bench_fusion_command(
         names = [f.strip() for f in fusions.split(",") if f.strip()]
         for name in names:
             FUSIONS.get(name)
-        checkpoints = {m: runs / m / "best.pt" for m in ("early", "max") if (runs / m / "best.pt").is_file()}
-        if "max" not in checkpoints:
-            raise CoperceptionError(f"{runs / 'max' / 'best.pt'}: no intermediate-fusion checkpoint; run `coperception demo` first")
+        checkpoints = _demo_checkpoints(runs)
         ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
         bench_fusion(cfg, checkpoints, ego, out, names, epochs or cfg.train.epochs, log=typer.echo)
     except CoperceptionError as exc:

@@ -392,8 +392,8 @@ class CommSession:
                     continue
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
-            if uncertainty is not None:  # a message without it (its sender computed none) is trusted on the rest
-                chosen_unc.append(unc if unc is not None else torch.zeros_like(uncertainty[0]))
+            if uncertainty is not None:  # a message without it counts as uncertain as the wire can say
+                chosen_unc.append(unc if unc is not None else _most_uncertain(uncertainty[0]))
             chosen_motion.append(None if msg.motion is None else torch.from_numpy(msg.motion).to(feats.device, feats.dtype))
             transforms.append(T_ego_from_sender)
             ages.append(ego_time - msg.capture_time)
@@ -408,3 +408,9 @@ class CommSession:
                             torch.stack(chosen_unc) if uncertainty is not None else None,
                             chosen_motion if self.motion is not None else None)
         return delivery, FrameComm(delivered, broadcast_bytes, fused_ages, rejected, held)
+
+
+def _most_uncertain(like: torch.Tensor) -> torch.Tensor:
+    """(2, H, W) the largest aleatoric and epistemic uncertainty one byte each can carry."""
+    top = dequantize_uncertainty(torch.full((2,), 255, dtype=torch.uint8)).to(like.device, like.dtype)
+    return top[:, None, None].expand_as(like).clone()
