@@ -145,14 +145,17 @@ def test_unsupported_models_fail_export_naming_what(opv2v_set, tmp_path):
     assert result.exit_code == 2 and "minmax" in result.output
 
 
-def test_tensorrt_missing_says_what_and_prints_trtexec(tmp_path):
+def test_tensorrt_missing_says_what_and_prints_trtexec(fp32_export):
     from coperception.export.tensorrt import build_engines
 
+    folder, spec = fp32_export
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        with pytest.raises(ExportError, match="trtexec --onnx=.*agent.onnx --int8 --fp16"):
-            build_engines(tmp_path, int8=True)
+        capacity = spec["agent_graph"]["pillar_capacity"]
+        with pytest.raises(ExportError, match=rf"trtexec --onnx=.*agent.onnx --int8 --fp16 --minShapes=voxels:2x\d+x4,"
+                                              rf".* --maxShapes=voxels:{capacity}x"):
+            build_engines(folder, int8=True)
     else:  # pragma: no cover - only where TensorRT is installed
         pytest.skip("TensorRT is installed here; the engine build is exercised by `coperception export --tensorrt`")
 

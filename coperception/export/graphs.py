@@ -1,13 +1,13 @@
 """The two graphs a deployment runs, as plain tensor-in / tensor-out modules that export to ONNX.
 
-- `AgentGraph` (every car and roadside unit): a fixed number of pillars -> BEV features -> the
+- `AgentGraph` (every car and roadside unit): a view's pillars (up to a capacity) -> BEV features -> the
   confidence map its selection ranks -> for codebook messages, the codes of its `code_cells` most
   confident cells (the cells a selection sends come from the top of that ranking).
 - `EgoGraph` (the ego): the decoded features of up to L agents, the sampling matrices of their
   warps and their arrived masks -> warp -> fusion -> detection head.
 
-What ONNX does not express stays in numpy around them (`export/runtime.py`): voxelization, padding
-the pillars to the fixed capacity, choosing the cells (threshold / top-k), packet coding, the
+What ONNX does not express stays in numpy around them (`export/runtime.py`): voxelization (a subset
+of the pillars above the capacity), choosing the cells (threshold / top-k), packet coding, the
 conversion of poses into sampling matrices, box decoding and NMS.
 """
 

@@ -1,9 +1,10 @@
 """`coperception export`: the agent and ego graphs of a checkpoint as ONNX (FP32, or W8A8 with
 explicit Q/DQ), a JSON spec, and a check of both files with onnxruntime.
 
-The graphs (`export/graphs.py`) take fixed-capacity pillars and ego inputs; `agent_inputs` and
-`ego_inputs` are the numpy code around them: padding a view's pillars to the capacity, and turning
-a delivery's poses into the sampling matrices of the warp.
+The graphs (`export/graphs.py`) take a view's pillars (a dynamic axis up to the pillar capacity) and
+the ego's inputs (a dynamic agent axis); `agent_inputs` and `ego_inputs` are the numpy code around
+them: a view's pillars (a subset above the capacity), and a delivery's poses turned into the sampling
+matrices of the warp.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ OPSET = 18
 AGENT_INPUTS = ["voxels", "num_points", "coords"]
 EGO_INPUTS = ["features", "theta", "arrived", "age", "kind"]
 EGO_OUTPUTS = ["cls", "reg", "direction"]
-IN_NUMPY = ["voxelization and padding the pillars to the fixed capacity", "choosing the cells to send (threshold / top-k, "
+IN_NUMPY = ["voxelization (and a subset of the pillars above the capacity)", "choosing the cells to send (threshold / top-k, "
             "information filling)", "packet coding and the channel", "decoding received codes (a codebook lookup)",
             "poses -> warp sampling matrices (theta)", "box decoding and rotated NMS"]
 
@@ -67,16 +68,21 @@ def auto_capacity(cfg: ExperimentConfig, mode, frames: int) -> tuple[int, int]:
     return min(max(steps, 1) * CAPACITY_STEP, pillar_capacity(cfg)), fullest
 
 
+MAX_AGENTS = 64  # the ego graph's agent axis is dynamic up to here
+MIN_PILLARS = 2  # the pillar axis is dynamic from here (a view with fewer gets empty slots)
+
+
 def agent_inputs(voxels: Voxels, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One view's pillars padded to `capacity` slots (empty slots: 0 points) -> the agent graph's inputs.
-    A view with more pillars keeps a random subset of `capacity` (the same for the same view, as the
-    voxelizer's cap does)."""
+    """One view's pillars -> the agent graph's inputs: as many slots as the view has pillars (the pillar
+    axis is dynamic up to `capacity`; at least `MIN_PILLARS`, empty slots have 0 points). A view with
+    more pillars keeps a random subset of `capacity` (the same for the same view, as the voxelizer's cap
+    does)."""
     n = len(voxels.num_points)
     v, num_points, xyz = voxels.voxels, voxels.num_points, voxels.coords
     if n > capacity:
         keep = np.sort(np.random.default_rng(n).choice(n, capacity, replace=False))
         v, num_points, xyz, n = v[keep], num_points[keep], xyz[keep], capacity
-    P, N, F = capacity, v.shape[1], v.shape[2]
+    P, N, F = max(n, MIN_PILLARS), v.shape[1], v.shape[2]
     vox = np.zeros((P, N, F), np.float32)
     num = np.zeros(P, np.int32)
     coords = np.zeros((P, 3), np.int32)
@@ -223,8 +229,9 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
     agent_example, ego_example = checks[0][0][0], checks[0][1]
     t0 = time.perf_counter()
     outputs = ["features", "confidence"] + (["code_cells", "codes"] if agent.quantizer is not None else [])
-    _onnx_export(agent, agent_example, out / "agent.onnx", AGENT_INPUTS, outputs)
-    agents = torch.export.Dim("agents", min=1, max=64)  # the ego graph takes any number of senders
+    pillars = torch.export.Dim("pillars", min=MIN_PILLARS, max=capacity)  # a deployment runs the pillars it has
+    _onnx_export(agent, agent_example, out / "agent.onnx", AGENT_INPUTS, outputs, {name: {0: pillars} for name in AGENT_INPUTS})
+    agents = torch.export.Dim("agents", min=1, max=MAX_AGENTS)  # the ego graph takes any number of senders
     _onnx_export(ego, ego_example, out / "ego.onnx", EGO_INPUTS, EGO_OUTPUTS,
                  {name: {0: agents} for name in EGO_INPUTS})
     log(f"exported in {time.perf_counter() - t0:.1f} s")
@@ -239,13 +246,15 @@ def export_model(checkpoint: str | Path, cfg: ExperimentConfig, out: str | Path,
         "agent_graph": {"file": "agent.onnx", "inputs": {
             "voxels": ["P", cfg.model.max_points_per_voxel, 4, "float32"], "num_points": ["P", "int32"],
             "coords": ["P", 3, "int32 (z, y, x) pillar indices; empty slots have num_points 0"]},
+            "pillar_axis": {"min": MIN_PILLARS, "opt": min(fullest or capacity, capacity), "max": capacity},
             "outputs": outputs, "pillar_capacity": capacity, "fullest_view_pillars": fullest,
             "code_cells": agent.code_cells if agent.quantizer is not None else None},
         "ego_graph": {"file": "ego.onnx", "inputs": {
             "features": ["L", model.encoders.out_channels, model.feature_grid.height, model.feature_grid.width, "float32"],
             "theta": ["L", 2, 3, "float32, affine_grid matrix of each agent's warp (grid.affine_to_source)"],
             "arrived": ["L", model.feature_grid.height, model.feature_grid.width, "bool"], "age": ["L", "float32 s"],
-            "kind": ["L", "int64 (0 vehicle, 1 rsu)"]}, "outputs": EGO_OUTPUTS, "agents_in_example": int(ego_example[0].shape[0])},
+            "kind": ["L", "int64 (0 vehicle, 1 rsu)"]}, "outputs": EGO_OUTPUTS, "agents_in_example": int(ego_example[0].shape[0]),
+            "agent_axis": {"min": 1, "opt": cfg.dataset.max_agents, "max": MAX_AGENTS}},
         "feature_grid": asdict(model.feature_grid), "codec": cfg.comm.codec,
         "codebook_hash": digest.hex() if digest is not None else None,
         "fusion": cfg.fusion.method, "in_numpy": IN_NUMPY,

@@ -10,13 +10,40 @@ from __future__ import annotations
 from pathlib import Path
 
 from coperception.export.graphs import ExportError
+from coperception.io import read_json
+
+
+def shape_profiles(out_dir: str | Path) -> dict[str, dict[str, tuple[tuple[int, ...], ...]]]:
+    """Per graph (`agent`, `ego`) and input, the (min, opt, max) shapes of its dynamic axis (pillars,
+    agents) from the export's `spec.json`: what a TensorRT optimisation profile needs."""
+    spec = read_json(Path(out_dir) / "spec.json")
+    agent, ego = spec["agent_graph"], spec["ego_graph"]
+    points = int(agent["inputs"]["voxels"][1])
+    _, C, H, W = (int(v) if not isinstance(v, str) else 0 for v in ego["inputs"]["features"][:4])
+
+    def each(axis: dict[str, int], shape) -> tuple[tuple[int, ...], ...]:
+        return tuple(shape(axis[k]) for k in ("min", "opt", "max"))
+
+    pillars, agents = agent["pillar_axis"], ego["agent_axis"]
+    return {"agent": {"voxels": each(pillars, lambda n: (n, points, 4)), "num_points": each(pillars, lambda n: (n,)),
+                      "coords": each(pillars, lambda n: (n, 3))},
+            "ego": {"features": each(agents, lambda n: (n, C, H, W)), "theta": each(agents, lambda n: (n, 2, 3)),
+                    "arrived": each(agents, lambda n: (n, H, W)), "age": each(agents, lambda n: (n,)),
+                    "kind": each(agents, lambda n: (n,))}}
 
 
 def trtexec_commands(out_dir: str | Path, int8: bool) -> list[str]:
-    """The `trtexec` lines that build an engine from each exported graph on the target."""
+    """The `trtexec` lines that build an engine from each exported graph on the target (with the
+    optimisation profile of its dynamic axis)."""
     flags = "--int8 --fp16" if int8 else "--fp16"
-    return [f"trtexec --onnx={Path(out_dir) / name}.onnx {flags} --saveEngine={Path(out_dir) / name}.plan"
-            for name in ("agent", "ego")]
+    profiles = shape_profiles(out_dir)
+    lines = []
+    for name in ("agent", "ego"):
+        shapes = " ".join(f"--{which}Shapes=" + ",".join(f"{k}:{'x'.join(map(str, v[i]))}"
+                                                         for k, v in profiles[name].items())
+                          for i, which in enumerate(("min", "opt", "max")))
+        lines.append(f"trtexec --onnx={Path(out_dir) / name}.onnx {flags} {shapes} --saveEngine={Path(out_dir) / name}.plan")
+    return lines
 
 
 def build_engines(out_dir: str | Path, int8: bool) -> list[Path]:
@@ -37,6 +64,10 @@ def build_engines(out_dir: str | Path, int8: bool) -> list[Path]:
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise ExportError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
         config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        for input_name, (low, opt, high) in shape_profiles(out_dir)[name].items():
+            profile.set_shape(input_name, low, opt, high)
+        config.add_optimization_profile(profile)
         config.set_flag(trt.BuilderFlag.FP16)
         if int8:
             config.set_flag(trt.BuilderFlag.INT8)  # scales come from the graph's Q/DQ nodes
