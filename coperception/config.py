@@ -291,6 +291,8 @@ class MotionSettings(Strict):
     smoothing: float = Field(0.5, gt=0, le=1)  # weight of the newest frame in a track's velocity
     max_gap_s: float = Field(0.35, gt=0)  # a longer gap between a sender's frames restarts its tracks
     margin_m: float = Field(0.5, ge=0)  # footprints grow by this much on every side
+    # at most this many moving objects (the fastest) per message: their 9 bytes each ride in the first packet
+    max_objects: int = Field(48, ge=1, le=255)
 
 
 class FusionConfig(Strict):

@@ -182,6 +182,11 @@ def test_moving_objects_are_stated_in_the_message_frame():
     objects = moving_objects(boxes, v_world, T, min_speed=1.0)
     assert objects.shape == (1, 7)
     np.testing.assert_allclose(objects[0], [1.0, 2.0, 10.0, 0.0, 4.5, 1.9, 0.2], atol=1e-9)
+    # above `max_objects` the fastest are sent
+    many = np.tile(boxes[:1], (5, 1))
+    speeds = np.array([[3.0, 0], [9.0, 0], [5.0, 0], [9.0, 0], [1.5, 0]])
+    fastest = moving_objects(many, speeds, np.eye(4), min_speed=1.0, max_objects=2)
+    np.testing.assert_allclose(fastest[:, 2], [9.0, 9.0])
 
 
 def test_uncertainty_and_motion_travel_in_the_wire_format_and_count_their_bytes():

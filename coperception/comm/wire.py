@@ -301,7 +301,8 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
         size = fixed + (len(motion) if not chunks else 0) + np.minimum(varint, bitmap) + ((j - i) * pbits + 7) // 8
         fits = int(np.searchsorted(size, mtu, side="right"))
         if fits == 0:
-            raise ValueError(f"MTU {mtu} is too small for one cell ({int(size[0])} bytes)")
+            with_motion = f" with the {len(motion)}-byte motion section" if motion and not chunks else ""
+            raise ValueError(f"MTU {mtu} is too small for one cell{with_motion} ({int(size[0])} bytes)")
         chunks.append((i, i + fits))
         i += fits
     if not chunks:

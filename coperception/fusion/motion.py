@@ -57,11 +57,14 @@ class MotionTracker:
 
 
 def moving_objects(boxes_frame: np.ndarray, velocities_world: np.ndarray, T_world_from_frame: np.ndarray,
-                   min_speed: float) -> np.ndarray:
+                   min_speed: float, max_objects: int = 255) -> np.ndarray:
     """(K, 7) motion records x, y, vx, vy, length, width, yaw in the message's frame of the boxes (in that
-    frame) whose world velocity is at least `min_speed`."""
+    frame) whose world velocity is at least `min_speed`; the `max_objects` fastest of them."""
     speed = np.linalg.norm(velocities_world, axis=1)
     keep = speed >= min_speed
+    if int(keep.sum()) > max_objects:
+        keep &= speed >= np.sort(speed)[-max_objects]
+        keep &= np.cumsum(keep) <= max_objects  # ties at the cut: the first ones
     R = T_world_from_frame[:2, :2]
     v_frame = velocities_world[keep] @ R  # R^T v for each row
     b = boxes_frame[keep]

@@ -237,7 +237,7 @@ class CommSession:
         centres = boxes[:, :2] @ T_world_from_frame[:2, :2].T + T_world_from_frame[:2, 3]
         tracker = self.trackers.setdefault((scenario, view.sender), MotionTracker(self.motion))
         velocities = tracker.update(centres, view.capture_time)
-        return moving_objects(boxes, velocities, T_world_from_frame, self.motion.min_speed_mps)
+        return moving_objects(boxes, velocities, T_world_from_frame, self.motion.min_speed_mps, self.motion.max_objects)
 
     def _select(self, conf: torch.Tensor, heard: Message | None, pose: np.ndarray) -> torch.Tensor:
         """(H, W) cells one sender transmits, from its confidence `conf` (H, W) and the broadcast it heard
