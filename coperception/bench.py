@@ -290,6 +290,8 @@ def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20
     import numpy as np
     import torch
 
+    from coperception.device import synchronize
+    from coperception.export.latency import time_runs
     from coperception.pipeline.ego import Delivery
 
     assert model.ego is not None
@@ -310,16 +312,8 @@ def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20
     delivery = Delivery(feats, None, [agents], T.to(device), torch.tensor([0.0] + [0.2] * (agents - 1), device=device),
                         torch.zeros(agents, dtype=torch.int64, device=device), unc, motion)
     def median_ms(step: Callable[[], Any]) -> float:
-        times = []
         with torch.no_grad():
-            for k in range(runs + 3):
-                t0 = time.perf_counter()
-                step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if k >= 3:
-                    times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times))
+            return time_runs(lambda: (step(), synchronize(device)), runs, warmup=3)[0]["median_ms"]
 
     out = {"fusion": median_ms(lambda: model.ego(delivery, model.head.confidence_map))}
     one = feats[1:2]

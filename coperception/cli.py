@@ -103,6 +103,17 @@ def train(
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 
+def _stored_config(checkpoint: Path, overrides: list[str], hint: str = "; pass --config"):
+    """The config `checkpoint` was trained with, with `overrides` (a `CoperceptionError` when it holds none)."""
+    from coperception.checkpoint import load_checkpoint
+    from coperception.config import config_from_dict
+
+    stored = load_checkpoint(checkpoint).get("config")
+    if not isinstance(stored, dict):
+        raise CoperceptionError(f"{checkpoint}: holds no config{hint}")
+    return config_from_dict(stored, overrides, f"{checkpoint} (stored config)")
+
+
 @app.command("eval")
 def evaluate(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="A checkpoint written by `coperception train`."),
@@ -121,8 +132,7 @@ def evaluate(
     overrides: list[str] = typer.Option([], "--set", help="Override a config value."),
 ) -> None:
     """Evaluate a checkpoint: AP (global sort and OpenCOOD per-frame sort), measured bytes, ms per stage."""
-    from coperception.checkpoint import load_checkpoint
-    from coperception.config import config_from_dict, load_config
+    from coperception.config import load_config
     from coperception.evaluate import evaluate_method, format_table, report, save_predictions as write_predictions
     from coperception.io import write_json
     from coperception.pipeline.model import load_model, method_label
@@ -148,10 +158,7 @@ def evaluate(
         if config is not None:
             cfg = load_config(config, _with_device(overrides, device))
         else:
-            stored = load_checkpoint(checkpoint).get("config")
-            if not isinstance(stored, dict):
-                raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
-            cfg = config_from_dict(stored, _with_device(overrides, device), f"{checkpoint} (stored config)")
+            cfg = _stored_config(checkpoint, _with_device(overrides, device))
         if strategy:
             cfg = cfg.variant(strategy=strategy)
         name = method_label(cfg)
@@ -272,16 +279,11 @@ def bench_latency_command(
 ) -> None:
     """Milliseconds per stage for torch FP32 and each ONNX export, and the system latency (compute plus the
     transmission of the real bytes at comm.channel.bandwidth_mbps)."""
-    from coperception.checkpoint import load_checkpoint
-    from coperception.config import config_from_dict
     from coperception.export.latency import bench_latency
     from coperception.io import read_json
 
     try:
-        stored = load_checkpoint(checkpoint).get("config")
-        if not isinstance(stored, dict):
-            raise CoperceptionError(f"{checkpoint}: holds no config")
-        cfg = config_from_dict(stored, [*overrides, "train.device=cpu"], f"{checkpoint} (stored config)")
+        cfg = _stored_config(checkpoint, [*overrides, "train.device=cpu"], hint="")
         names = {}
         for folder in onnx:
             precision = read_json(folder / "spec.json")["precision"].split()[0]
@@ -387,8 +389,7 @@ def export(
 ) -> None:
     """Export the agent graph (pillars -> features, confidence, codes) and the ego graph (warp -> fusion ->
     head) to ONNX, write their spec and check both with onnxruntime."""
-    from coperception.checkpoint import load_checkpoint
-    from coperception.config import config_from_dict, load_config
+    from coperception.config import load_config
     from coperception.export.onnx import export_model
 
     try:
@@ -397,10 +398,7 @@ def export(
         if config is not None:
             cfg = load_config(config, overrides)
         else:
-            stored = load_checkpoint(checkpoint).get("config")
-            if not isinstance(stored, dict):
-                raise CoperceptionError(f"{checkpoint}: holds no config; pass --config")
-            cfg = config_from_dict(stored, [*overrides, "train.device=cpu"], f"{checkpoint} (stored config)")
+            cfg = _stored_config(checkpoint, [*overrides, "train.device=cpu"])
         export_model(checkpoint, cfg, out, int8, calib_frames, calibration, log=typer.echo,  # type: ignore[arg-type]
                      capacity=pillar_capacity, code_cells=code_cells)
         if tensorrt:

@@ -21,7 +21,8 @@ class PreparedDataset(Dataset):
     with `augment`, each (epoch, index) gets its own seeded scene augmentation; in `training` the pillars
     kept above the cap are drawn from the same (seed, epoch, index) generator (after the augmentation).
     With `delay_frames` (training), a sample's senders come, with `delay_probability`, from 1..`delay_frames`
-    frames earlier (drawn from the same generator; a sender without such a frame stays current)."""
+    frames earlier (drawn from a generator of the same (seed, epoch, index) beside the augmentation's; a
+    sender without such a frame stays current)."""
 
     def __init__(self, inner: CooperativeDataset, dataset: DatasetConfig, model: ModelConfig, mode: InputMode,
                  targets: TargetFn | None = None, augment: bool = False, seed: int = 0, training: bool = False,

@@ -30,7 +30,8 @@ from coperception.models.postprocess import decode_detections
 from coperception.pipeline.ego import Delivery
 
 
-def _time(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[dict[str, float], Any]:
+def time_runs(fn: Callable[[], Any], runs: int, warmup: int) -> tuple[dict[str, float], Any]:
+    """`fn` run `warmup` times, then timed `runs` times: median and 90th percentile ms, and its last output."""
     for _ in range(warmup):
         out = fn()
     samples = []
@@ -60,7 +61,7 @@ def bench_latency(cfg: ExperimentConfig, checkpoint: str | Path, exports: dict[s
     cap = cfg.model.max_voxels_test or cfg.model.max_voxels
     rng = np.random.default_rng(0)
     common: dict[str, dict[str, float]] = {}
-    common["voxelize"], _ = _time(lambda: voxelize(points, cfg.dataset.point_cloud_range, cfg.model.voxel_size,
+    common["voxelize"], _ = time_runs(lambda: voxelize(points, cfg.dataset.point_cloud_range, cfg.model.voxel_size,
                                                    cfg.model.max_points_per_voxel, cap, rng), runs, warmup)
     n_views = len(prepared.agents)
 
@@ -90,16 +91,16 @@ def bench_latency(cfg: ExperimentConfig, checkpoint: str | Path, exports: dict[s
             conf = model.confidence(feats)
             return feats, conf, None
         stages: dict[str, Any] = {}
-        stages["agent_graph"], (feats, conf, codes) = _time(torch_agent, runs, warmup)
-        stages["select_serialize"], packets = _time(lambda: serialize(feats[0], conf[0], codes), runs, warmup)
-        stages["decode"], received = _time(lambda: decode(packets), runs, warmup)
+        stages["agent_graph"], (feats, conf, codes) = time_runs(torch_agent, runs, warmup)
+        stages["select_serialize"], packets = time_runs(lambda: serialize(feats[0], conf[0], codes), runs, warmup)
+        stages["decode"], received = time_runs(lambda: decode(packets), runs, warmup)
         all_feats = model.encode(views_batch([prepared.agents]))
         all_feats[1] = received
         delivery = Delivery(all_feats, None, [n_views], torch.from_numpy(np.stack([v.T_ego_from_frame for v in prepared.agents])
                                                                           ).float(), torch.zeros(n_views),
                             torch.tensor([v.kind for v in prepared.agents]))
-        stages["ego_graph"], head = _time(lambda: model.receive(delivery), runs, warmup)
-    stages["nms"], _ = _time(lambda: decode_detections(head, model.anchors, cfg.eval.score_threshold,
+        stages["ego_graph"], head = time_runs(lambda: model.receive(delivery), runs, warmup)
+    stages["nms"], _ = time_runs(lambda: decode_detections(head, model.anchors, cfg.eval.score_threshold,
                                                         cfg.eval.nms_threshold), runs, warmup)
     engines["torch_fp32"] = {"stages": stages, "bytes": sum(len(p) for p in packets)}
     # onnxruntime engines
@@ -108,13 +109,13 @@ def bench_latency(cfg: ExperimentConfig, checkpoint: str | Path, exports: dict[s
         capacity = int(read_json(folder / "spec.json")["agent_graph"]["pillar_capacity"])
         feeds = {n: a.numpy() for n, a in zip(AGENT_INPUTS, agent_inputs(sender.voxels, capacity))}
         stages = {}
-        stages["agent_graph"], outs = _time(lambda: agent_sess.run(None, feeds), runs, warmup)
+        stages["agent_graph"], outs = time_runs(lambda: agent_sess.run(None, feeds), runs, warmup)
         f, c = torch.from_numpy(outs[0]), torch.from_numpy(outs[1])
         k = torch.from_numpy(full_codes(outs[2], outs[3], grid.cells)) if len(outs) > 2 else None
-        stages["select_serialize"], packets = _time(lambda: serialize(f[0], c[0], k), runs, warmup)
-        stages["decode"], received = _time(lambda: decode(packets), runs, warmup)
+        stages["select_serialize"], packets = time_runs(lambda: serialize(f[0], c[0], k), runs, warmup)
+        stages["decode"], received = time_runs(lambda: decode(packets), runs, warmup)
         ego_feeds = {n: a.numpy() for n, a in zip(EGO_INPUTS, ego_inputs(delivery, grid))}
-        stages["ego_graph"], outs = _time(lambda: ego_sess.run(None, ego_feeds), runs, warmup)
+        stages["ego_graph"], outs = time_runs(lambda: ego_sess.run(None, ego_feeds), runs, warmup)
         stages["nms"] = engines["torch_fp32"]["stages"]["nms"]
         engines[name] = {"stages": stages, "bytes": sum(len(p) for p in packets)}
     dense_bytes = model.encoders.out_channels * grid.cells * 4

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from coperception.fusion.base import Fusion, FusionMeta, register_fusion
+from coperception.fusion.base import Fusion, FusionMeta, masked_max, register_fusion, usable_cells
 
 AGENT_KINDS = 2  # 0 vehicle, 1 rsu
 
@@ -56,9 +56,7 @@ class AttentionFusion(Fusion):
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
         B, L, C, H, W = features.shape
         hk = self.heads * self.dk
-        mask = valid & torch.isfinite(features).all(dim=2)  # a cell with a non-finite value did not usefully arrive
-        mask[:, 0] = True  # the ego always attends to itself: the fallback where nothing else arrived
-        features = features.masked_fill(~mask[:, :, None], 0.0)
+        mask, features = usable_cells(features, valid)
         q = self.query(features[:, 0]).view(B, self.heads, self.dk, H, W)
         k = self.key(features.flatten(0, 1)).view(B, L, hk, H, W)
         kind = meta.kind.to(features.device).clamp(0, AGENT_KINDS - 1)
@@ -73,6 +71,6 @@ class AttentionFusion(Fusion):
             return (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)
         v = self.value(features.flatten(0, 1)).view(B, L, self.heads, C // self.heads, H, W)
         attended = (weights[:, :, :, None] * v).sum(dim=1).reshape(B, C, H, W)
-        base = features.masked_fill(~mask[:, :, None], float("-inf")).amax(dim=1)
+        base = masked_max(features, mask)
         others = mask[:, 1:].any(dim=1, keepdim=True)  # cells where something beyond the ego arrived
         return base + self.out(attended) * others.to(base.dtype)

@@ -56,6 +56,20 @@ class Fusion(nn.Module, abc.ABC):
         """Fuse ego-aligned agent features (B, L, C, H, W) where `valid` (B, L, H, W); index 0 of L is the ego."""
 
 
+def usable_cells(features: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, H, W) the cells each agent usefully delivered (valid and every value finite; the ego's own
+    always: the fallback where nothing else arrived) and the features with every other cell zeroed, so
+    nothing non-finite reaches the arithmetic."""
+    mask = valid & torch.isfinite(features).all(dim=2)
+    mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+    return mask, features.masked_fill(~mask[:, :, None], 0.0)
+
+
+def masked_max(features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) per cell and channel the largest value among the agents `mask` keeps (the ego always)."""
+    return features.masked_fill(~mask[:, :, None], float("-inf")).amax(dim=1)
+
+
 FUSIONS: Registry[type[Fusion]] = Registry("fusion.method")
 register_fusion = FUSIONS.register
 

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from coperception.fusion.base import Fusion, FusionMeta, register_fusion
+from coperception.fusion.base import Fusion, FusionMeta, masked_max, register_fusion, usable_cells
 
 TRUST_INPUTS = 4  # confidence, log aleatoric std, epistemic std, age
 
@@ -56,8 +56,5 @@ class UncertaintyTrustFusion(Fusion):
     def forward(self, features: torch.Tensor, valid: torch.Tensor, meta: FusionMeta) -> torch.Tensor:
         if features.shape[1] == 1:
             return features[:, 0]
-        mask = valid & torch.isfinite(features).all(dim=2)
-        mask = torch.cat([torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)  # the ego's own feature always counts
-        clean = features.masked_fill(~mask[:, :, None], 0.0)
-        scaled = clean * self.trust_of(meta, features.shape, features)[:, :, None]
-        return scaled.masked_fill(~mask[:, :, None], float("-inf")).amax(dim=1)
+        mask, clean = usable_cells(features, valid)
+        return masked_max(clean * self.trust_of(meta, features.shape, features)[:, :, None], mask)

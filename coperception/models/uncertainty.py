@@ -34,24 +34,25 @@ class UncertaintyHead(nn.Module):
         nn.init.zeros_(self.log_var.weight)
         nn.init.zeros_(self.log_var.bias)
 
-    def _pass(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass with dropout on (training and MC sampling alike) over the body's output: (N, R, H, W)
-        logits, (N, R, 3, H, W) log-var. The body before the dropout is the same for every pass."""
+    def one_pass(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass with dropout on (training and MC sampling alike) over the body's output `hidden`:
+        (N, R, H, W) logits, (N, R, 3, H, W) log-var. The body before the dropout is the same for every pass."""
         dropped = F.dropout(hidden, self.dropout, training=True)
         N, _, H, W = hidden.shape
         return self.cls(dropped), self.log_var(dropped).view(N, self.r, len(REG_DIMS), H, W)
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._pass(self.body(features))
+        return self.one_pass(self.body(features))
 
     @torch.no_grad()
-    def estimate(self, features: torch.Tensor) -> torch.Tensor:
+    def estimate(self, features: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) -> (N, 2, H, W): aleatoric std (mean over x, y, yaw of the most confident anchor)
-        and epistemic std of the objectness over `passes` MC-dropout passes."""
+        and epistemic std of the objectness over `passes` MC-dropout passes; `hidden`: the body's output
+        on `features` when the caller has it already."""
         probs, log_vars = [], []
-        hidden = self.body(features)
+        hidden = self.body(features) if hidden is None else hidden
         for _ in range(self.passes):
-            logits, log_var = self._pass(hidden)
+            logits, log_var = self.one_pass(hidden)
             probs.append(torch.sigmoid(logits))  # (N, R, H, W)
             log_vars.append(log_var)
         p = torch.stack(probs)  # (T, N, R, H, W)
@@ -78,6 +79,13 @@ def dequantize(codes: torch.Tensor) -> torch.Tensor:
     lo, hi = LOG_STD_RANGE
     a, e = codes.to(torch.float32).unbind(dim=-1)
     return torch.stack([torch.exp(lo + a / 255 * (hi - lo)), e / 255 * EPISTEMIC_MAX], dim=-1)
+
+
+def most_uncertain(like: torch.Tensor) -> torch.Tensor:
+    """An (N, 2, H, W) map like `like` at the largest aleatoric and epistemic uncertainty one byte each can
+    carry: what a view without any uncertainty counts as."""
+    top = dequantize(torch.full((2,), 255, dtype=torch.uint8)).to(like.device, like.dtype)
+    return top[None, :, None, None].expand_as(like).clone()
 
 
 def as_sent(uncertainty: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 from coperception.fusion.base import Fusion, FusionMeta
 from coperception.fusion.warp import warp_to_ego
 from coperception.grid import BEVGrid
+from coperception.models.uncertainty import most_uncertain
 from coperception.types import group_views
 
 
@@ -44,9 +45,10 @@ class Delivery:
                                  torch.ones(p.features.shape[0], *p.features.shape[-2:], dtype=torch.bool,
                                             device=p.features.device) for p in parts])
         uncertainty = None
-        if any(p.uncertainty is not None for p in parts):
+        if any(p.uncertainty is not None for p in parts):  # a part without any counts as most uncertain
             uncertainty = torch.cat([p.uncertainty if p.uncertainty is not None else
-                                     p.features.new_zeros(p.features.shape[0], 2, *p.features.shape[-2:]) for p in parts])
+                                     most_uncertain(p.features.new_empty(p.features.shape[0], 2, *p.features.shape[-2:]))
+                                     for p in parts])
         motion = None
         if any(p.motion is not None for p in parts):
             motion = [m for p in parts for m in (p.motion if p.motion is not None else [None] * p.features.shape[0])]

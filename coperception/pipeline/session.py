@@ -36,7 +36,8 @@ from coperception.datasets.collate import AgentInput, PreparedSample, Projector
 from coperception.datasets.voxelize import pillar_points
 from coperception.fusion.motion import MotionTracker, moving_objects
 from coperception.geometry import invert
-from coperception.models.uncertainty import dequantize as dequantize_uncertainty, quantize as quantize_uncertainty
+from coperception.models.uncertainty import (dequantize as dequantize_uncertainty, most_uncertain,
+                                             quantize as quantize_uncertainty)
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.consistency import check_message, free_space
@@ -393,7 +394,7 @@ class CommSession:
             chosen_feats.append(f)
             chosen_arrived.append(arrived)
             if uncertainty is not None:  # a message without it counts as uncertain as the wire can say
-                chosen_unc.append(unc if unc is not None else _most_uncertain(uncertainty[0]))
+                chosen_unc.append(unc if unc is not None else most_uncertain(uncertainty[:1])[0])
             chosen_motion.append(None if msg.motion is None else torch.from_numpy(msg.motion).to(feats.device, feats.dtype))
             transforms.append(T_ego_from_sender)
             ages.append(ego_time - msg.capture_time)
@@ -408,9 +409,3 @@ class CommSession:
                             torch.stack(chosen_unc) if uncertainty is not None else None,
                             chosen_motion if self.motion is not None else None)
         return delivery, FrameComm(delivered, broadcast_bytes, fused_ages, rejected, held)
-
-
-def _most_uncertain(like: torch.Tensor) -> torch.Tensor:
-    """(2, H, W) the largest aleatoric and epistemic uncertainty one byte each can carry."""
-    top = dequantize_uncertainty(torch.full((2,), 255, dtype=torch.uint8)).to(like.device, like.dtype)
-    return top[:, None, None].expand_as(like).clone()

@@ -20,7 +20,7 @@ from coperception.comm.payload import serialize_boxes, serialize_points
 from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
 from coperception.geometry import transform_boxes
 from coperception.models.heads import HeadOutput
-from coperception.models.uncertainty import UncertaintyHead
+from coperception.models.uncertainty import UncertaintyHead, as_sent
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
 from coperception.pipeline.agent import AgentSide, drop_messages
 from coperception.pipeline.ego import Delivery
@@ -49,8 +49,6 @@ class CooperativeParts(Protocol):
     def confidence(self, feats: torch.Tensor) -> torch.Tensor: ...
 
     def receive(self, delivery: Delivery) -> HeadOutput: ...
-
-    def sent_uncertainty(self, feats: torch.Tensor) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -177,13 +175,15 @@ class IntermediateFusion(Strategy):
         delivery, aux = model.agent.training_delivery(feats, batch, kept, model.confidence)
         terms = None
         if model.uncertainty is not None:
-            delivery.uncertainty = model.sent_uncertainty(feats.detach())
+            own = feats.detach()  # the head learns beside the detector, not through it
+            hidden = model.uncertainty.body(own)  # once: for what the senders send and for the head's training pass
+            delivery.uncertainty = as_sent(model.uncertainty.estimate(own, hidden.detach()))
             # views in their sample's frame (all of them when senders project first) train the head on its targets
             views = torch.arange(len(feats), device=feats.device) if model.project_first else \
                 batch.ego_index.to(feats.device)
-            own = feats.detach()[views]
-            logits, log_var = model.uncertainty(own)
-            terms = UncertaintyTerms(logits, log_var, model.head(own), batch.sample_of_view().to(feats.device)[views])
+            logits, log_var = model.uncertainty.one_pass(hidden[views])
+            terms = UncertaintyTerms(logits, log_var, model.head(own[views]),
+                                     batch.sample_of_view().to(feats.device)[views])
         return TrainOutput(model.receive(delivery), aux, alone, terms)
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
