@@ -348,6 +348,12 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
         methods["early"] = _eval(checkpoints["early"], variant(cfg, "early"), split, data, log, "early")
     rows: dict[str, dict[str, Any]] = {}
     for fusion in fusions:
+        if fusion == ANCHOR_ROW:
+            for label, entries, checkpoint in bench_anchor(cfg, ego_checkpoint, train_dir, epochs, split, data, log,
+                                                           cache):
+                rows[label] = {"checkpoint": str(checkpoint), "conditions": entries}
+                methods[label] = entries["clean"]
+            continue
         run = cfg.variant(strategy="intermediate", codec="codebook", fusion=fusion)
         checkpoint = finetune_fusion(run, fusion, checkpoints["max"], train_dir, epochs, log, cache)
         trained = with_trained_fusion(run, checkpoint).fusion  # the method and options it was trained with
@@ -384,6 +390,84 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
     plot_fusion(rep, out / "fusion.png")
     log(f"wrote {out / 'fusion.json'} and {out / 'fusion.png'}")
     return rep
+
+
+ANCHOR_ROW = "anchor"  # `bench fusion`'s name of the anchor-centric row
+ANCHOR_LR = 1e-3  # the refinement trains from scratch on a frozen detector: twice the fusions' fine-tuning rate
+
+
+def bench_anchor(cfg: ExperimentConfig, ego_checkpoint: Path | None, train_dir: Path, epochs: int, split: str,
+                 data: CooperativeDataset, log: Callable[[str], None], cache: dict
+                 ) -> list[tuple[str, dict[str, Any], Path]]:
+    """The anchor-centric rows of `bench fusion`: every agent's detector is the ego-only model (the one the
+    late row sends boxes of), frozen; the refinement trains `epochs` with `cfg.train`'s delays; evaluated
+    without and with motion compensation (anchor velocities) under every condition of `FUSION_CONDITIONS`
+    through the anchor wire format and the channel."""
+    if ego_checkpoint is None:
+        raise ConfigError("bench fusion: the anchor-centric row starts from the ego-only checkpoint "
+                          "(--ego-checkpoint)")
+    run = cfg.variant(strategy="anchor", train={"freeze_detector": True, "lr": ANCHOR_LR})
+    checkpoint = finetune_fusion(run, ANCHOR_ROW, ego_checkpoint, train_dir, epochs, log, cache)
+    stored = load_checkpoint(checkpoint).get("config")
+    if isinstance(stored, dict) and isinstance(stored.get("fusion"), dict):  # the anchor settings it was trained with
+        run = run.model_copy(update={"fusion": FusionConfig.model_validate(stored["fusion"])})
+    rows = []
+    for motion in (False, True):
+        label = "anchor-centric" + (" + motion" if motion else "")
+        moving = run.model_copy(update={"fusion": run.fusion.model_copy(update={
+            "motion": cfg.fusion.motion.model_copy(update={"enabled": motion})})})
+        entries = {}
+        for condition, channel in FUSION_CONDITIONS:
+            cond = moving.variant(channel=channel)
+            entry = _eval(checkpoint, cond, split, data, log, f"{label:<28} {condition}")
+            entry["params"]["condition"] = condition
+            entries[condition] = entry
+        entries["clean"]["ms"].update(anchor_ms(load_model(checkpoint, run)))
+        rows.append((label, entries, checkpoint))
+    return rows
+
+
+def anchor_ms(model: Any, senders: int = 3, runs: int = 20) -> dict[str, float]:
+    """Median milliseconds of the anchor-centric ego side (`fusion`: refinement of its most confident
+    anchors and `senders` full messages, then NMS) and of a sender's coding of its anchors
+    (`sender_anchors`), on random anchors around the ego, no gradients."""
+    import torch
+
+    from coperception.device import synchronize
+    from coperception.export.latency import time_runs
+    from coperception.fusion.anchor_centric import ReceivedAnchors, cells_at
+    from coperception.pipeline.anchor_exchange import refined_detections
+    from coperception.types import AnchorSet
+
+    fusion = model.anchor_fusion
+    assert fusion is not None
+    s = fusion.settings
+    device = next(model.parameters()).device
+    grid = model.feature_grid
+    g = torch.Generator().manual_seed(0)
+
+    def boxes(n: int) -> torch.Tensor:
+        centre = (torch.rand(n, 2, generator=g) - 0.5) * torch.tensor([60.0, 40.0])
+        return torch.cat([centre, torch.full((n, 1), -1.0), torch.tensor([[4.2, 1.8, 1.6]]).repeat(n, 1),
+                          torch.rand(n, 1, generator=g) * 3], dim=1).to(device)
+
+    own_boxes = boxes(s.ego_candidates)
+    own = AnchorSet(own_boxes, torch.randn(len(own_boxes), generator=g).to(device), cells_at(grid, own_boxes[:, :2])[0])
+    m = senders * s.max_anchors
+    received = ReceivedAnchors(boxes(m), torch.randn(m, generator=g).to(device),
+                               torch.randn(m, s.feature_dim, generator=g).to(device), torch.full((m,), 0.1, device=device),
+                               torch.zeros(m, dtype=torch.int64, device=device))
+    C = model.encoders.out_channels
+    feats = torch.rand(1, C, grid.height, grid.width, generator=g).to(device)
+    anchor_feats = torch.rand(s.max_anchors, C, generator=g).to(device)
+
+    def median_ms(step: Callable[[], Any]) -> float:
+        with torch.no_grad():
+            return time_runs(lambda: (step(), synchronize(device)), runs, warmup=3)[0]["median_ms"]
+
+    return {"fusion": median_ms(lambda: refined_detections(fusion.refine(feats, grid, [own], [received])[0], 0.2,
+                                                           fusion.nms_threshold)),
+            "sender_anchors": median_ms(lambda: fusion.code(anchor_feats))}
 
 
 def finetune_fusion(cfg: ExperimentConfig, fusion: str, start: Path, out_dir: Path, epochs: int,

@@ -244,7 +244,8 @@ def bench_fusion_command(
     runs: Path = DEMO_RUNS,
     ego_checkpoint: Optional[Path] = typer.Option(Path("outputs/bench/train/none/last.pt"), help="Ego-only checkpoint "
                                                   "(ego-only and late rows; default: the one `bench comm` fine-tunes)."),
-    fusions: str = typer.Option("max,attention,uncertainty_trust", help="Fusion methods to fine-tune and compare."),
+    fusions: str = typer.Option("max,attention,uncertainty_trust,anchor", help="Fusion methods to fine-tune and "
+                                "compare; `anchor`: anchor-centric cooperation, trained on the frozen ego-only model."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder (fusion.json, fusion.png; runs under fusion/train)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every fusion (default: train.epochs of --config)."),
     device: Optional[str] = DEVICE_OPTION,
@@ -252,7 +253,7 @@ def bench_fusion_command(
 ) -> None:
     """AP@0.3/0.5/0.7, measured bytes and fusion ms of every fusion, without and with motion compensation,
     on a clean channel and under delay, burst loss and pose noise."""
-    from coperception.bench import bench_fusion
+    from coperception.bench import ANCHOR_ROW, bench_fusion
     from coperception.config import load_config
     from coperception.fusion.base import FUSIONS
 
@@ -260,7 +261,8 @@ def bench_fusion_command(
         cfg = load_config(config, _with_device(overrides, device))
         names = [f.strip() for f in fusions.split(",") if f.strip()]
         for name in names:
-            FUSIONS.get(name)
+            if name != ANCHOR_ROW:
+                FUSIONS.get(name)
         checkpoints = _demo_checkpoints(runs)
         ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
         bench_fusion(cfg, checkpoints, ego, out, names, epochs or cfg.train.epochs, log=typer.echo)

@@ -265,8 +265,9 @@ class CommConfig(Strict):
 
 
 class CooperationConfig(Strict):
-    """What agents share: `none` (ego only), `early` (raw points), `late` (boxes + NMS) or
-    `intermediate` (BEV features coded by `comm.codec`, fused by `fusion.method`)."""
+    """What agents share: `none` (ego only), `early` (raw points), `late` (boxes + NMS),
+    `intermediate` (BEV features coded by `comm.codec`, fused by `fusion.method`) or `anchor` (coded
+    anchors, refined by `fusion.anchor`)."""
 
     strategy: str = "intermediate"
     # intermediate: each sender encodes its points moved into the ego frame (OpenCOOD `proj_first`);
@@ -295,14 +296,49 @@ class MotionSettings(Strict):
     max_objects: int = Field(48, ge=1, le=255)
 
 
+class AnchorSettings(Strict):
+    """Anchor-centric cooperation (`cooperation.strategy: anchor`, `fusion/anchor_centric.py`): senders send
+    their most confident anchors (box + coded anchor feature), the ego refines its own anchors and the
+    received ones with cross-attention over the received anchors nearby."""
+
+    max_anchors: int = Field(12, ge=1, le=255)  # per message: the most confident after NMS
+    min_score: float = Field(0.2, ge=0, le=1)  # a sender sends anchors at least this confident
+    feature_dim: int = Field(16, ge=1)  # the anchor feature is projected to this many values, then coded
+    stages: int = Field(1, ge=1)  # residual code stages per anchor feature
+    codes: int = Field(256, ge=2, le=65536)  # codes per stage (log2 bits each)
+    ego_candidates: int = Field(64, ge=1)  # the ego's own anchors refined (most confident after NMS)
+    candidate_score: float = Field(0.05, ge=0, le=1)  # ... at least this confident
+    radius_m: float = Field(4.0, gt=0)  # an anchor attends to received anchors whose centres lie this close
+    # which candidates of an ego that received anchors the refinement changes: `all` (one score scale for
+    # every candidate) or only those a received anchor is `near` (the others keep the detector's)
+    rescore: Literal["all", "near"] = "all"
+    refine_boxes: bool = True  # false: the refinement rescores candidates and keeps their boxes
+    layers: int = Field(2, ge=1)
+    hidden: int = Field(64, ge=4)
+    heads: int = Field(4, ge=1)
+    positive_iou: float = Field(0.5, gt=0, lt=1)  # a refined anchor is trained as an object above this IoU
+    # training: sigma of the noise added to each sender's pose (m, degrees), so refinement learns misplacement
+    train_pose_noise_m: float = Field(0.2, ge=0)
+    train_pose_noise_deg: float = Field(0.2, ge=0)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "AnchorSettings":
+        if self.codes & (self.codes - 1):
+            raise ValueError(f"codes must be a power of two, got {self.codes}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        return self
+
+
 class FusionConfig(Strict):
     """The feature fusion of intermediate cooperation (`max`, `mean`, `attention`, ...) and its
     hyperparameters (`options`, checked against the fusion's own settings); `motion`: motion
-    compensation of late messages, for any fusion."""
+    compensation of late messages, for any fusion; `anchor`: anchor-centric cooperation's settings."""
 
     method: str = "max"
     options: dict[str, Any] = Field(default_factory=dict)
     motion: MotionSettings = Field(default_factory=MotionSettings)
+    anchor: AnchorSettings = Field(default_factory=AnchorSettings)
 
     @model_validator(mode="before")
     @classmethod
@@ -339,7 +375,8 @@ class TrainConfig(Strict):
     # the model section must match, the fusion method may differ
     init_from: str | None = None
     # codebook methods: keep every detector weight (and BatchNorm statistic) of `init_from` and only
-    # fit the codebook (its EMA updates need no gradients)
+    # fit the codebook (its EMA updates need no gradients); anchor-centric: only train the anchor coder
+    # and refinement
     freeze_detector: bool = False
     # intermediate cooperation: drop each sender's whole message with this probability in training, so
     # the model keeps detecting well alone when messages are lost

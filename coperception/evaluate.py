@@ -21,10 +21,11 @@ from coperception.datasets.prepared import PreparedDataset
 from coperception.datasets.readers import build_dataset
 from coperception.device import synchronize
 from coperception.eval.ap import PROTOCOL, APAccumulator
+from coperception.pipeline.anchor_exchange import anchor_session
 from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.model import CooperativeModel, method_label
 from coperception.pipeline.session import CommSession, HeldMessage
-from coperception.errors import DataFormatError
+from coperception.errors import ConfigError, DataFormatError
 from coperception.grid import BEVGrid
 from coperception.io import read_json, write_json
 from coperception.models.postprocess import Detections
@@ -55,7 +56,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     acc = APAccumulator(cfg.dataset.eval_range, tuple(cfg.eval.iou_thresholds), gt_range=cfg.dataset.gt_range())
     was_training = model.training
     model.eval()
-    session = None
+    session: Any = None
     if model.agent is not None:
         # what senders compute beside their features: uncertainty (a fusion that weighs by it), their own
         # boxes (motion compensation); an exported model has neither
@@ -63,7 +64,11 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         boxes = partial(model.boxes, score_threshold=cfg.eval.score_threshold,
                         nms_threshold=cfg.eval.nms_threshold) if hasattr(model, "boxes") else None
         session = CommSession.for_config(model.agent, model.confidence, cfg, attack, uncertainty, boxes)
-    sparse = model.agent is not None and model.agent.codec.sparse
+    elif getattr(model, "anchor_fusion", None) is not None:
+        if attack is not None:
+            raise ConfigError("the ghost attack forges cell messages; anchor-centric cooperation sends anchors")
+        session = anchor_session(model, cfg)
+    sparse = (model.agent is not None and model.agent.codec.sparse) or session is not None
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
     model_ms = []

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from coperception.checkpoint import (CheckpointError, check_architecture, load_checkpoint, load_state_strict,
                                      require_fields, save_checkpoint)
-from coperception.config import ExperimentConfig
+from coperception.config import AnchorSettings, ExperimentConfig
 from coperception.datasets.collate import collate
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import EpochSampler, PreparedDataset
@@ -30,6 +30,7 @@ from coperception.errors import ConfigError, OutputError
 from coperception.evaluate import evaluate_method
 from coperception.io import read_json, write_json, write_yaml
 from coperception.models.losses import LossWeights, detection_loss
+from coperception.fusion.anchor_centric import anchor_loss
 from coperception.models.uncertainty import uncertainty_loss
 from coperception.pipeline.model import (CooperativeModel, architecture, build_model, fit_codebook, init_weights,
                                          method_label, saved_architecture)
@@ -58,9 +59,10 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
-def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights, ego_loss_weight: float
-                    ) -> dict[str, torch.Tensor]:
-    """The detection loss on the fused output plus the training-only terms (codec loss, ego-alone loss)."""
+def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights, ego_loss_weight: float,
+                    anchors: AnchorSettings | None = None) -> dict[str, torch.Tensor]:
+    """The detection loss on the fused output plus the training-only terms (codec loss, ego-alone loss,
+    uncertainty head, anchor refinement)."""
     losses = detection_loss(out.head, targets.labels, targets.residuals, targets.direction, weights)
     if out.aux_loss is not None:
         losses["total"] = losses["total"] + out.aux_loss
@@ -75,6 +77,13 @@ def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights
                                 weights.focal_alpha, weights.focal_gamma)
         losses["total"] = losses["total"] + term
         losses["uncertainty"] = term.detach()
+    if out.anchors is not None:
+        if targets.gt_boxes is None:
+            raise ValueError("anchor-centric training needs the ground-truth boxes of the batch")
+        settings = anchors if anchors is not None else AnchorSettings()
+        terms = anchor_loss(out.anchors.refined, targets.gt_boxes, settings.positive_iou, settings.refine_boxes)
+        losses["total"] = losses["total"] + terms["anchor_total"]
+        losses.update({k: v.detach() for k, v in terms.items()})
     return losses
 
 
@@ -113,10 +122,9 @@ class Trainer:
             self.log(f"weights from {cfg.train.init_from}" + (f"; starting fresh: {', '.join(fresh)}" if fresh else ""))
         self.freeze = cfg.train.freeze_detector
         if self.freeze:
-            if model.agent is None or cfg.comm.codec != "codebook":
-                raise ConfigError("train.freeze_detector: only a codebook codec has anything left to train")
+            prefix, self.trainable = model.trainable_when_frozen()
             for name, param in model.named_parameters():
-                param.requires_grad_(name.startswith("agent.codec."))
+                param.requires_grad_(name.startswith(prefix))
         model.to(self.device)
         self.train_set = self.open_split(cfg.dataset.train_split)
         self.val_set = self.open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and self.ddp.main else None
@@ -209,7 +217,8 @@ class Trainer:
         batch, targets = batch.to(self.device), targets.to(self.device, non_blocking=self.pin_memory)
         with autocast(self.device, self.cfg.train.precision):
             out = self.train_model(batch)
-            losses = training_losses(out, targets, self.weights, self.cfg.train.ego_loss_weight)
+            losses = training_losses(out, targets, self.weights, self.cfg.train.ego_loss_weight,
+                                     self.cfg.fusion.anchor)
         s.optimizer.zero_grad(set_to_none=True)
         if losses["total"].requires_grad:
             self.scaler.scale(losses["total"]).backward()
@@ -252,10 +261,9 @@ class Trainer:
     def set_train_mode(self) -> None:
         model = self.state.model
         model.train()
-        if self.freeze:  # keep the detector's BatchNorm statistics too; only the codebook's EMA moves
+        if self.freeze:  # keep the detector's BatchNorm statistics too; only what trains is in training mode
             model.eval()
-            assert model.agent is not None
-            model.agent.codec.train()
+            self.trainable.train()
 
     def run(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state

@@ -100,6 +100,16 @@ def group_views(values: torch.Tensor, record_len: Sequence[int], pad: torch.Tens
 
 
 @dataclass
+class AnchorSet:
+    """Some of one view's anchors as its detector decoded them: boxes (K, 7) in the view's frame, score
+    logits (K,), the flat index of each one's cell in the feature grid (K,)."""
+
+    boxes: torch.Tensor
+    logits: torch.Tensor
+    cells: torch.Tensor
+
+
+@dataclass
 class AnchorTargets:
     """Per anchor (flattened H*W*R): label 1 positive / 0 negative / -1 ignored, residuals, direction bin."""
 
@@ -113,8 +123,10 @@ class TargetBatch:
     labels: torch.Tensor  # (B, A)
     residuals: torch.Tensor  # (B, A, 7)
     direction: torch.Tensor  # (B, A)
+    gt_boxes: list[torch.Tensor] | None = None  # per sample (K, 7) in its ego frame (as augmented)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "TargetBatch":
         return TargetBatch(self.labels.to(device, non_blocking=non_blocking),
                            self.residuals.to(device, non_blocking=non_blocking),
-                           self.direction.to(device, non_blocking=non_blocking))
+                           self.direction.to(device, non_blocking=non_blocking),
+                           None if self.gt_boxes is None else [g.to(device) for g in self.gt_boxes])

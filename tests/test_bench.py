@@ -86,10 +86,11 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
                         *TINY] for a in ("--set", s)]
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--ego-checkpoint", str(ego / "last.pt"),
-                                      "--out", str(out), "--fusions", "max,uncertainty_trust", "--epochs", "1", *sets])
+                                      "--out", str(out), "--fusions", "max,uncertainty_trust,anchor", "--epochs", "1", *sets])
     assert result.exit_code == 0, result.output
     rep = json.loads((out / "fusion.json").read_text())
-    assert set(rep["rows"]) == {"max", "max + motion", "uncertainty_trust", "uncertainty_trust + motion"}
+    assert set(rep["rows"]) == {"max", "max + motion", "uncertainty_trust", "uncertainty_trust + motion", "anchor-centric",
+                                "anchor-centric + motion"}
     assert len(rep["conditions"]) == 7 and {"none", "late", "max", "uncertainty_trust"} <= set(rep["methods"])
     for row in rep["rows"].values():
         assert list(row["conditions"]) == rep["conditions"]
@@ -106,4 +107,8 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
     for name in ("max", "uncertainty_trust"):  # one start and one recipe for both
         stored = load_checkpoint(out / "fusion" / "train" / name / "last.pt")["config"]
         assert (stored["train"]["init_from"], stored["fusion"]["method"]) == (str(runs / "max" / "best.pt"), name)
+    # the anchor-centric row: the ego-only model's detector, frozen, under the same conditions
+    stored = load_checkpoint(out / "fusion" / "train" / "anchor" / "last.pt")["config"]
+    assert (stored["train"]["init_from"], stored["cooperation"]["strategy"]) == (str(ego / "last.pt"), "anchor")
+    assert stored["train"]["freeze_detector"] and "sender_anchors" in rows["anchor-centric"]["conditions"]["clean"]["ms"]
     assert (out / "fusion.png").stat().st_size > 1000

@@ -208,5 +208,6 @@ def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | 
     if all(p.targets is not None for p in batch):
         targets = TargetBatch(torch.from_numpy(np.stack([p.targets.labels for p in batch])),
                               torch.from_numpy(np.stack([p.targets.residuals for p in batch])),
-                              torch.from_numpy(np.stack([p.targets.direction for p in batch])))
+                              torch.from_numpy(np.stack([p.targets.direction for p in batch])),
+                              [torch.from_numpy(np.asarray(p.gt_boxes, dtype=np.float32).reshape(-1, 7)) for p in batch])
     return agent_batch, targets, list(batch)

@@ -10,6 +10,7 @@ import torch
 from coperception.geometry import rotated_iou_bev
 from coperception.models.anchors import apply_direction, decode_boxes
 from coperception.models.heads import HeadOutput
+from coperception.types import AnchorSet
 
 
 @dataclass
@@ -63,3 +64,24 @@ def decode_detections(out: HeadOutput, anchors: torch.Tensor, score_threshold: f
         kept = rotated_nms(boxes_np, scores_np, nms_threshold)
         results.append(Detections(boxes_np[kept], scores_np[kept], np.zeros(len(kept), dtype=np.int64)))
     return results
+
+
+def top_anchors(head: HeadOutput, view: int, anchors: torch.Tensor, anchors_per_cell: int, min_score: float,
+                nms_threshold: float, keep: int, pre_nms: int = 500) -> AnchorSet:
+    """The `keep` most confident anchors of view `view` of `head` at least `min_score` confident, after
+    rotated NMS (most confident first), decoded into boxes of the view's frame (detached)."""
+    logits = head.cls[view].detach()
+    device = logits.device
+    chosen = torch.nonzero(torch.sigmoid(logits) >= min_score).squeeze(1)
+    if len(chosen) > pre_nms:
+        chosen = chosen[torch.topk(logits[chosen], pre_nms).indices]
+    if len(chosen) == 0:
+        return AnchorSet(torch.zeros(0, 7, device=device), torch.zeros(0, device=device),
+                         torch.zeros(0, dtype=torch.int64, device=device))
+    boxes = decode_boxes(head.reg[view, chosen].detach(), anchors[chosen])
+    boxes[:, 6] = apply_direction(boxes[:, 6], head.direction[view, chosen].detach().argmax(dim=1))
+    kept = rotated_nms(boxes.cpu().double().numpy(), logits[chosen].cpu().double().numpy(), nms_threshold)[:keep]
+    kept_t = torch.from_numpy(kept).to(device)
+    # anchors are flattened in the order (H, W, R): R anchors per cell
+    cells = torch.div(chosen[kept_t], anchors_per_cell, rounding_mode="floor")
+    return AnchorSet(boxes[kept_t], logits[chosen][kept_t], cells)

@@ -14,9 +14,11 @@ from tqdm import tqdm
 
 from coperception.checkpoint import check_architecture, load_checkpoint, load_state_strict
 from coperception.device import resolve_device
+from coperception.comm.codebook import ResidualVQ
 from coperception.comm.codecs import CODECS
 from coperception.config import BASELINE_STRATEGIES, ExperimentConfig
 from coperception.errors import ConfigError
+from coperception.fusion.anchor_centric import AnchorFusion
 from coperception.fusion.base import FUSIONS, build_fusion, fusion_settings
 from coperception.models.anchors import make_anchors
 from coperception.models.encoders import ENCODERS, EncoderSet
@@ -24,6 +26,7 @@ from coperception.models.heads import AnchorHead, HeadOutput
 from coperception.models.postprocess import decode_detections
 from coperception.models.targets import AnchorAssigner
 from coperception.models.uncertainty import UncertaintyHead, as_sent
+from coperception.pipeline import anchor_exchange  # noqa: F401  (registers the `anchor` strategy)
 from coperception.pipeline.agent import AgentSide
 from coperception.pipeline.ego import Delivery, EgoSide
 from coperception.pipeline.strategies import STRATEGIES, Strategy, TrainOutput
@@ -62,6 +65,12 @@ class CooperativeModel(nn.Module):
         if self.ego is not None and self.ego.fusion.needs_uncertainty:
             s = self.ego.fusion.settings
             self.uncertainty = UncertaintyHead(channels, len(yaws), dropout=s.dropout, passes=s.passes)  # type: ignore[attr-defined]
+        # anchor-centric cooperation: the senders' anchor coder and the ego's refinement
+        self.anchor_fusion: AnchorFusion | None = None
+        if self.strategy.exchanges_anchors:
+            a = cfg.fusion.anchor
+            self.anchor_fusion = AnchorFusion(channels, a, cfg.eval.nms_threshold,
+                                              ResidualVQ(a.feature_dim, segments=1, stages=a.stages, codes=a.codes))
         self.message_dropout = cfg.train.message_dropout  # training only
         self.ego_loss = cfg.train.ego_loss_weight > 0  # training only: also detect from the ego's own features
         self.project_first = cfg.cooperation.project_first
@@ -108,6 +117,16 @@ class CooperativeModel(nn.Module):
         """Training forward of the configured cooperation strategy."""
         return self.strategy.forward(self, batch)
 
+    def trainable_when_frozen(self) -> tuple[str, nn.Module]:
+        """With `train.freeze_detector`: the prefix of the weights that still train and their module (the
+        codebook of codebook messages, or the anchor-centric coder and refinement)."""
+        if self.anchor_fusion is not None:
+            return "anchor_fusion.", self.anchor_fusion
+        if self.agent is not None and hasattr(self.agent.codec, "quantizer"):
+            return "agent.codec.", self.agent.codec
+        raise ConfigError("train.freeze_detector: only a codebook codec or anchor-centric cooperation has anything "
+                          "left to train")
+
 
 def validate_config(cfg: ExperimentConfig) -> None:
     """Every registry name in `cfg` exists (the error lists the known ones) and the sections fit together."""
@@ -127,11 +146,15 @@ def method_label(cfg: ExperimentConfig) -> str:
     """A short name of the cooperation a config runs, for reports: `none`, `early`, `late`, the fusion
     name for dense features (`max`), else `<codec>-<fusion>` (`sparse-max`, `codebook-max`)."""
     strategy = cfg.cooperation.strategy
+    if STRATEGIES.get(strategy).exchanges_anchors:
+        return "anchor-centric"
     if not STRATEGIES.get(strategy).sends_features:
         return strategy
     return cfg.fusion.method if cfg.comm.codec == "dense" else f"{cfg.comm.codec}-{cfg.fusion.method}"
 
 
+# the anchor settings that shape weights (the others only say how they are used)
+ANCHOR_WEIGHT_KEYS = ("feature_dim", "stages", "codes", "layers", "hidden", "heads")
 # model-section keys that say how many pillars the data pipeline keeps, not which weights there are
 PIPELINE_ONLY_KEYS = frozenset({"max_voxels", "max_voxels_test"})
 
@@ -145,6 +168,9 @@ def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
         if cfg.comm.codec == "codebook":
             cb = cfg.comm.codebook
             arch["codebook"] = {"segments": cb.segments, "stages": cb.stages, "codes": cb.codes}
+    if STRATEGIES.get(cfg.cooperation.strategy).exchanges_anchors:
+        a = cfg.fusion.anchor
+        arch["fusion"] = {"method": "anchor", "options": {k: getattr(a, k) for k in ANCHOR_WEIGHT_KEYS}}
     return arch
 
 
@@ -157,7 +183,7 @@ def saved_architecture(arch: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
-FRESH_PREFIXES = ("ego.fusion.", "agent.codec.", "uncertainty.")  # what a fine-tuning may add to the model it starts from
+FRESH_PREFIXES = ("ego.fusion.", "agent.codec.", "uncertainty.", "anchor_fusion.")  # what a fine-tuning may add to the model it starts from
 
 
 def build_model(cfg: ExperimentConfig) -> CooperativeModel:

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from coperception.comm.payload import serialize_boxes, serialize_points
+from coperception.grid import BEVGrid
 from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
 from coperception.geometry import transform_boxes
-from coperception.models.heads import HeadOutput
+from coperception.models.heads import AnchorHead, HeadOutput
 from coperception.models.uncertainty import UncertaintyHead, as_sent
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
 from coperception.pipeline.agent import AgentSide, drop_messages
@@ -28,6 +29,8 @@ from coperception.registry import Registry
 from coperception.types import AgentBatch
 
 if TYPE_CHECKING:
+    from coperception.fusion.anchor_centric import AnchorFusion
+    from coperception.pipeline.anchor_exchange import AnchorSession, AnchorTerms
     from coperception.pipeline.session import CommSession, EncodedViews, HeldMessage
 
 
@@ -41,8 +44,9 @@ class CooperativeParts(Protocol):
     ego_loss: bool
     uncertainty: UncertaintyHead | None
     project_first: bool
-
-    def head(self, features: torch.Tensor) -> HeadOutput: ...
+    anchor_fusion: "AnchorFusion | None"
+    feature_grid: BEVGrid
+    head: AnchorHead
 
     def encode(self, batch: AgentBatch) -> torch.Tensor: ...
 
@@ -59,6 +63,7 @@ class TrainOutput:
     aux_loss: torch.Tensor | None = None  # e.g. the codebook commitment loss of the messages
     ego_alone: HeadOutput | None = None  # with `train.ego_loss_weight`: the head on the ego's own features
     uncertainty: "UncertaintyTerms | None" = None  # uncertainty-trust fusion: what trains the uncertainty head
+    anchors: "AnchorTerms | None" = None  # anchor-centric cooperation: what trains the refinement
 
 
 @dataclass
@@ -87,6 +92,7 @@ class Strategy:
     train_mode: ClassVar[InputMode]
     infer_mode: ClassVar[InputMode]
     sends_features: ClassVar[bool] = False  # intermediate: has an agent side and an ego side
+    exchanges_anchors: ClassVar[bool] = False  # anchor-centric: senders send anchors, the ego refines them
 
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return self.train_mode if training else self.infer_mode
@@ -98,7 +104,7 @@ class Strategy:
         return TrainOutput(model.head(feats[batch.ego_index.to(feats.device)]))
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
-               nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
+               nms_threshold: float, session: "CommSession | AnchorSession | None" = None) -> StrategyOutput:
         """Inference on a collated batch: detections per sample in the ego frame and the measured bytes
         each sender sent (`session`: what delivers intermediate messages)."""
         out = self.forward(model, batch).head
@@ -133,7 +139,7 @@ class LateFusion(Strategy):
     name, train_mode, infer_mode = "late", "ego", "all"
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
-               nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
+               nms_threshold: float, session: "CommSession | AnchorSession | None" = None) -> StrategyOutput:
         per_view = decode_detections(model.head(model.encode(batch)), model.anchors, score_threshold, nms_threshold)
         detections, sizes = [], []
         starts = np.cumsum([0] + batch.record_len[:-1])
@@ -187,7 +193,7 @@ class IntermediateFusion(Strategy):
         return TrainOutput(model.receive(delivery), aux, alone, terms)
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
-               nms_threshold: float, session: "CommSession | None" = None) -> StrategyOutput:
+               nms_threshold: float, session: "CommSession | AnchorSession | None" = None) -> StrategyOutput:
         if session is None:
             raise ValueError("intermediate cooperation delivers its messages through a CommSession")
         device = model.anchors.device

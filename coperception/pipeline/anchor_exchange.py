@@ -1,0 +1,280 @@
+"""Anchor-centric cooperation (`cooperation.strategy: anchor`): senders send their most confident anchors
+(boxes + coded anchor features, `comm/anchor_wire.py`) through the channel; the ego refines its own and
+the received anchors (`fusion/anchor_centric.py`).
+
+Every agent encodes its own view in its own frame, so the ego broadcasts nothing: a message states the
+pose of its sender as its (noisy) localisation gives it, and the ego moves the boxes into its frame with
+it. At evaluation the `AnchorSession` runs over a split's frames in order like the cell session: each
+sender's message goes over its link, and the ego holds per sender the newest message that has arrived
+by its capture time plus the fusion deadline. Bytes are the lengths of the packets that arrived.
+With `fusion.motion.enabled` each sender tracks its own detections over its frames (`MotionTracker`,
+its odometry) and sends every anchor's velocity (2 bytes); the ego moves each received box forward by
+the message's age.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from coperception.comm.anchor_wire import AnchorMessage, decode_anchor_message, encode_anchor_message
+from coperception.comm.channel import Channel, Transmission, newest_arrived
+from coperception.comm.keys import load_keys
+from coperception.comm.kinds import MalformedMessage
+from coperception.comm.wire import ReplayedMessage, StaleMessage
+from coperception.config import ExperimentConfig, MotionSettings
+from coperception.datasets.collate import AgentInput, PreparedSample, views_batch
+from coperception.fusion.anchor_centric import MAX_LOGIT, AnchorFusion, ReceivedAnchors, Refined, transform_boxes_torch
+from coperception.fusion.motion import MotionTracker
+from coperception.geometry import invert, transform_boxes
+from coperception.models.heads import HeadOutput
+from coperception.models.postprocess import Detections, decode_detections, rotated_nms, top_anchors
+from coperception.pipeline.session import FrameComm
+from coperception.pipeline.strategies import STRATEGIES, CooperativeParts, Strategy, StrategyOutput, TrainOutput
+from coperception.types import AgentBatch, AnchorSet
+
+if TYPE_CHECKING:
+    from coperception.pipeline.session import CommSession
+
+
+@dataclass
+class AnchorTerms:
+    """What trains the refinement: each ego's refined candidates (the loss needs the ground truth)."""
+
+    refined: list[Refined]
+
+
+def _head_of(head: HeadOutput, rows: torch.Tensor) -> HeadOutput:
+    return HeadOutput(head.cls[rows], head.reg[rows], head.direction[rows])
+
+
+def _pose_noise(T: torch.Tensor, sigma_m: float, sigma_deg: float, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """T (4, 4) with a random planar error: x, y ~ N(0, sigma_m), yaw ~ N(0, sigma_deg)."""
+    if sigma_m == 0 and sigma_deg == 0:
+        return T
+    draw = torch.randn(3, generator=generator).to(T.device, T.dtype)
+    yaw = draw[2] * float(np.radians(sigma_deg))
+    noise = torch.eye(4, dtype=T.dtype, device=T.device)
+    noise[0, 0], noise[0, 1], noise[1, 0], noise[1, 1] = torch.cos(yaw), -torch.sin(yaw), torch.sin(yaw), torch.cos(yaw)
+    noise[0, 3], noise[1, 3] = draw[0] * sigma_m, draw[1] * sigma_m
+    return noise @ T
+
+
+def refined_detections(refined: Refined, score_threshold: float, nms_threshold: float) -> Detections:
+    """An ego's detections from its refined candidates: score threshold, then rotated NMS."""
+    scores = torch.sigmoid(refined.logits).detach().cpu().double().numpy()
+    boxes = refined.boxes.detach().cpu().double().numpy()
+    keep = np.flatnonzero(scores >= score_threshold)
+    if len(keep) == 0:
+        return Detections.empty()
+    kept = keep[rotated_nms(boxes[keep], scores[keep], nms_threshold)]
+    return Detections(boxes[kept], scores[kept], np.zeros(len(kept), dtype=np.int64))
+
+
+def score_logits(scores: torch.Tensor) -> torch.Tensor:
+    """Sent scores in [0, 1] -> logits, bounded by what a 1/255 quantization can say."""
+    return torch.logit(scores.clamp(1 / 255, 1 - 1 / 255)).clamp(-MAX_LOGIT, MAX_LOGIT)
+
+
+@STRATEGIES.register("anchor")
+class AnchorCentric(Strategy):
+    """Senders send anchors; the ego refines them with its own (see the module docstring)."""
+
+    name, train_mode, infer_mode = "anchor", "all", "all"
+    exchanges_anchors = True
+
+    def forward(self, model: CooperativeParts, batch: AgentBatch) -> TrainOutput:
+        """Training: each sender's anchors reach its ego directly, moved with its pose (plus the configured
+        training pose noise) and coded through the straight-through codebook; the message age is the
+        view's (delayed senders in training give it)."""
+        fusion = model.anchor_fusion
+        assert fusion is not None
+        s = fusion.settings
+        feats = model.encode(batch)
+        head = model.head(feats)
+        ego_rows = batch.ego_index.to(feats.device)
+        starts = batch.ego_index.tolist()
+        own, sent_feats, sent_meta = [], [], []
+        for b, start in enumerate(starts):
+            own.append(top_anchors(head, start, model.anchors, model.head.r, s.candidate_score, fusion.nms_threshold,
+                               s.ego_candidates))
+            for k in range(1, batch.record_len[b]):
+                view = start + k
+                a = top_anchors(head, view, model.anchors, model.head.r, s.min_score, fusion.nms_threshold, s.max_anchors)
+                T = batch.T_ego_from_agent[view]
+                if model.training:
+                    T = _pose_noise(T, s.train_pose_noise_m, s.train_pose_noise_deg)
+                sent_feats.append(feats[view].flatten(1)[:, a.cells].T)
+                sent_meta.append((b, transform_boxes_torch(T, a.boxes), a.logits, float(batch.age[view]),
+                                  int(batch.kind[view])))
+        received_parts: list[list[ReceivedAnchors]] = [[] for _ in starts]
+        commitment = None
+        if sent_feats:
+            vectors, _, commitment = fusion.code(torch.cat(sent_feats))
+            for (b, boxes, logits, age, kind), part in zip(sent_meta, vectors.split([len(f) for f in sent_feats])):
+                n = len(boxes)
+                received_parts[b].append(ReceivedAnchors(boxes, score_logits(torch.sigmoid(logits)), part,
+                                                         torch.full((n,), age, device=feats.device),
+                                                         torch.full((n,), kind, dtype=torch.int64, device=feats.device)))
+        received = [ReceivedAnchors.cat(p, s.feature_dim, feats.device) for p in received_parts]
+        refined = fusion.refine(feats[ego_rows], model.feature_grid, own, received)
+        return TrainOutput(_head_of(head, ego_rows), commitment, anchors=AnchorTerms(refined))
+
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+               nms_threshold: float, session: "CommSession | AnchorSession | None" = None) -> StrategyOutput:
+        if not isinstance(session, AnchorSession):
+            raise ValueError("anchor-centric cooperation delivers its messages through an AnchorSession")
+        fusion = model.anchor_fusion
+        assert fusion is not None
+        device = model.anchors.device
+        detections, sizes, ages = [], [], []
+        rejected: Counter[str] = Counter()
+        for p in prepared:
+            feats = model.encode(views_batch([p.agents]).to(device))
+            head = model.head(feats)
+            own, received, stats = session.deliver(p, feats, head)
+            if len(received.boxes) == 0:  # nothing arrived: the ego detects alone, exactly as ego-only
+                detections.extend(decode_detections(_head_of(head, torch.zeros(1, dtype=torch.long, device=device)),
+                                                    model.anchors, score_threshold, nms_threshold))
+            else:
+                refined = fusion.refine(feats[:1], model.feature_grid, [own], [received])[0]
+                detections.append(refined_detections(refined, score_threshold, nms_threshold))
+            sizes.append(list(stats.delivered_bytes.values()))
+            ages.append(list(stats.fused_ages.values()))
+            rejected.update(stats.rejected)
+        return StrategyOutput(detections, sizes, None, ages, dict(rejected))
+
+
+@dataclass
+class AnchorSession:
+    """Anchor messages of a split's frames, in order, through the wire format and the channel."""
+
+    fusion: AnchorFusion
+    anchors: torch.Tensor  # the detector's anchors (A, 7)
+    anchors_per_cell: int
+    cfg: ExperimentConfig
+    queues: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
+    held: dict[tuple[str, int], tuple[Transmission, AnchorMessage]] = field(default_factory=dict)
+    last_sequence: dict[tuple[str, int], int] = field(default_factory=dict)
+    sequence: int = 0
+    trackers: dict[tuple[str, int], MotionTracker] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        comm = self.cfg.comm
+        self.motion: MotionSettings | None = self.cfg.fusion.motion if self.cfg.fusion.motion.enabled else None
+        self.channel = Channel(comm.channel, np.random.default_rng(comm.channel.seed))
+        self.keys = load_keys(comm.key_file) if comm.key_file else None
+        self.digest = self.fusion.digest()
+
+    def _velocities(self, scenario: str, view: AgentInput, detected: AnchorSet) -> np.ndarray:
+        """(K, 2) velocity of each of the sender's detections in its own frame, from its track of them over
+        its frames (world positions from its odometry); slower than `min_speed_mps` counts as parked."""
+        assert self.motion is not None
+        R = view.T_world_from_frame[:2, :2]
+        centres = detected.boxes[:, :2].cpu().double().numpy() @ R.T + view.T_world_from_frame[:2, 3]
+        tracker = self.trackers.setdefault((scenario, view.sender), MotionTracker(self.motion))
+        velocity = tracker.update(centres, view.capture_time) @ R  # world -> the sender's frame
+        velocity[np.linalg.norm(velocity, axis=1) < self.motion.min_speed_mps] = 0.0
+        return velocity
+
+    def _message(self, view: AgentInput, own: AnchorSet, feats: torch.Tensor, velocity: np.ndarray | None
+                 ) -> AnchorMessage:
+        """A sender's message: its anchors `own` of its features `feats` (C, H, W), in its own frame, with the
+        pose its localisation gives it (and their velocities with motion compensation)."""
+        _, codes, _ = self.fusion.code(feats.flatten(1)[:, own.cells].T)
+        pose = self.channel.noisy_pose(view.T_world_from_agent) @ invert(view.T_world_from_agent) @ view.T_world_from_frame
+        self.sequence += 1
+        return AnchorMessage(view.sender, self.sequence, view.capture_time, pose, own.boxes.cpu().double().numpy(),
+                             torch.sigmoid(own.logits).cpu().double().numpy(), codes.cpu().numpy(), self.fusion.bits,
+                             self.digest, velocity)
+
+    def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float) -> AnchorMessage:
+        held = self.held.get(where)
+        if held is not None and held[0] is tx:
+            return held[1]
+        s = self.fusion.settings
+        msg = decode_anchor_message(tx.deliveries[0].packet, self.keys, self.keys is not None, self.digest, s.stages,
+                                    self.fusion.bits)
+        if self.keys is not None:
+            last = self.last_sequence.get(where)
+            if last is not None and msg.sequence <= last:
+                raise ReplayedMessage(f"sender {msg.sender}: sequence {msg.sequence} after {last}")
+            slack = self.cfg.comm.channel.fusion_deadline_ms / 1e3
+            if not ego_time - self.cfg.comm.freshness_ms / 1e3 <= msg.capture_time <= ego_time + slack:
+                raise StaleMessage(f"sender {msg.sender}: captured at {msg.capture_time:.3f} s, the ego is at "
+                                   f"{ego_time:.3f} s")
+            self.last_sequence[where] = msg.sequence
+        self.held[where] = (tx, msg)
+        return msg
+
+    @torch.no_grad()
+    def deliver(self, sample: PreparedSample, feats: torch.Tensor, head: HeadOutput
+                ) -> tuple[AnchorSet, ReceivedAnchors, FrameComm]:
+        """One frame: `feats` (n, C, H, W) and `head` of its views (ego first, each in its own frame) ->
+        the ego's candidates, the anchors it holds from its senders (ego frame) and what it cost."""
+        s, cfg = self.fusion.settings, self.cfg
+        nms = self.fusion.nms_threshold
+        scenario = sample.frame_key.split("/")[0]
+        views = sample.agents
+        ego_time = views[0].capture_time
+        T_ego_from_world = invert(views[0].T_world_from_agent)
+        own = top_anchors(head, 0, self.anchors, self.anchors_per_cell, s.candidate_score, nms, s.ego_candidates)
+        delivered: dict[int, int] = {}
+        for k, view in enumerate(views[1:], start=1):
+            # every detection is tracked (a track survives an object's leaving the top anchors); the top are sent
+            detected = top_anchors(head, k, self.anchors, self.anchors_per_cell, s.min_score, nms,
+                               s.max_anchors if self.motion is None else len(self.anchors))
+            sent = AnchorSet(detected.boxes[:s.max_anchors], detected.logits[:s.max_anchors],
+                             detected.cells[:s.max_anchors])
+            velocity = self._velocities(scenario, view, detected)[:s.max_anchors] if self.motion is not None else None
+            packet = encode_anchor_message(self._message(view, sent, feats[k], velocity), cfg.comm.channel.mtu,
+                                           self.keys.get(view.sender) if self.keys is not None else None)
+            tx = self.channel.transmit((scenario, view.sender), [packet], view.capture_time)
+            self.queues.setdefault((scenario, view.sender), []).append(tx)
+            delivered[view.sender] = tx.delivered_bytes
+        parts, ages = [], {}
+        rejected: Counter[str] = Counter()
+        device = feats.device
+        for view in views[1:]:
+            where = (scenario, view.sender)
+            queue = self.queues.get(where, [])
+            tx = newest_arrived(queue, ego_time + cfg.comm.channel.fusion_deadline_ms / 1e3)
+            if tx is None:
+                continue
+            self.queues[where] = [t for t in queue if t.capture_time >= tx.capture_time]
+            max_age = cfg.comm.channel.max_message_age_ms
+            if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
+                continue
+            try:
+                msg = self._receive(tx, where, ego_time)
+            except MalformedMessage as exc:
+                rejected[type(exc).__name__] += 1
+                self.queues[where].remove(tx)
+                continue
+            n = len(msg.boxes)
+            age = ego_time - msg.capture_time
+            ages[view.sender] = age
+            if n == 0:
+                continue
+            T = T_ego_from_world @ msg.pose
+            boxes = transform_boxes(T, msg.boxes)
+            if msg.velocity is not None:  # moved forward by the message's age
+                boxes[:, :2] += msg.velocity @ T[:2, :2].T * age
+            parts.append(ReceivedAnchors(
+                torch.from_numpy(boxes).to(device, torch.float32),
+                score_logits(torch.from_numpy(msg.scores).to(device, torch.float32)),
+                self.fusion.decode(torch.from_numpy(msg.codes).to(device)),
+                torch.full((n,), age, device=device), torch.full((n,), view.kind, dtype=torch.int64, device=device)))
+        received = ReceivedAnchors.cat(parts, s.feature_dim, device)
+        return own, received, FrameComm(delivered, 0, ages, dict(rejected))
+
+
+def anchor_session(model: CooperativeParts, cfg: ExperimentConfig) -> AnchorSession:
+    assert model.anchor_fusion is not None
+    return AnchorSession(model.anchor_fusion, model.anchors, model.head.r, cfg)
+
