@@ -75,7 +75,8 @@ def test_anchor_messages_that_do_not_decode_are_refused_by_name():
 
 def _fusion(seed: int = 0) -> AnchorFusion:
     torch.manual_seed(seed)
-    fusion = AnchorFusion(8, AnchorSettings(hidden=16, heads=2, feature_dim=4, radius_m=4.0), nms_threshold=0.15,
+    fusion = AnchorFusion(8, AnchorSettings(hidden=16, heads=2, feature_dim=4, radius_m=4.0, refine_boxes=True),
+                          nms_threshold=0.15,
                           quantizer=ResidualVQ(4, segments=1, stages=1, codes=16))
     for layer in (fusion.score, fusion.box):  # as training leaves them: not zero
         torch.nn.init.normal_(layer.weight, std=0.3)
@@ -235,3 +236,16 @@ def test_anchor_velocities_travel_at_two_bytes_each():
     np.testing.assert_allclose(out.velocity, [[10.0, -3.0], [0.0, 0.0], [31.75, 0.25], [-1.25, 5.0]])
     np.testing.assert_array_equal(out.codes, msg.codes)
     assert decode_anchor_message(encode_anchor_message(_message(4), 1200)).velocity is None
+
+
+def test_merged_boxes_average_the_overlapping_candidates_by_score():
+    from coperception.pipeline.anchor_exchange import merged_boxes
+
+    kept = np.array([[0.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.1], [30.0, 0.0, -1.0, 4.0, 2.0, 1.5, 0.0]])
+    # a second view of the first object 0.4 m further and turned a full half-turn (the same footprint)
+    other = np.array([[0.4, 0.0, -1.0, 4.4, 2.0, 1.5, 0.1 + np.pi]])
+    candidates = np.concatenate([kept, other])
+    out = merged_boxes(kept, candidates, np.array([0.75, 0.9, 0.25]), merge_iou=0.3)
+    np.testing.assert_allclose(out[0, :6], [0.1, 0.0, -1.0, 4.1, 2.0, 1.5])
+    assert abs(out[0, 6] - 0.1) < 1e-9  # the kept box's direction
+    np.testing.assert_allclose(out[1], kept[1])  # nothing else overlaps it

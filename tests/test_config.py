@@ -78,7 +78,7 @@ def test_old_method_names_say_what_to_write_instead(old, advice):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("cooperation.strategy=mid", r"cooperation.strategy 'mid' is unknown; known: early, intermediate, late, none"),
+    ("cooperation.strategy=mid", r"cooperation.strategy 'mid' is unknown; known: anchor, early, intermediate, late, none"),
     ("comm.codec=zip", r"comm.codec 'zip' is unknown; known: codebook, dense, sparse"),
     ("fusion.method=sum", r"fusion.method 'sum' is unknown; known: attention, max, mean"),
     ("model.encoders={default: voxelnet}", r"model.encoders 'voxelnet' is unknown; known: .*pointpillars"),

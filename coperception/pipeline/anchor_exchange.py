@@ -30,7 +30,7 @@ from coperception.config import ExperimentConfig, MotionSettings
 from coperception.datasets.collate import AgentInput, PreparedSample, views_batch
 from coperception.fusion.anchor_centric import MAX_LOGIT, AnchorFusion, ReceivedAnchors, Refined, transform_boxes_torch
 from coperception.fusion.motion import MotionTracker
-from coperception.geometry import invert, transform_boxes
+from coperception.geometry import invert, rotated_iou_bev, transform_boxes, wrap_angle
 from coperception.models.heads import HeadOutput
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms, top_anchors
 from coperception.pipeline.session import FrameComm
@@ -65,15 +65,36 @@ def _pose_noise(T: torch.Tensor, sigma_m: float, sigma_deg: float, generator: to
     return noise @ T
 
 
-def refined_detections(refined: Refined, score_threshold: float, nms_threshold: float) -> Detections:
-    """An ego's detections from its refined candidates: score threshold, then rotated NMS."""
+def refined_detections(refined: Refined, score_threshold: float, nms_threshold: float, merge_iou: float | None = None
+                       ) -> Detections:
+    """An ego's detections from its refined candidates: score threshold, then rotated NMS; with `merge_iou`,
+    each kept box becomes the score-weighted mean of every candidate overlapping it by that much (itself
+    included: several agents' boxes of one object average out their errors)."""
     scores = torch.sigmoid(refined.logits).detach().cpu().double().numpy()
     boxes = refined.boxes.detach().cpu().double().numpy()
     keep = np.flatnonzero(scores >= score_threshold)
     if len(keep) == 0:
         return Detections.empty()
     kept = keep[rotated_nms(boxes[keep], scores[keep], nms_threshold)]
-    return Detections(boxes[kept], scores[kept], np.zeros(len(kept), dtype=np.int64))
+    out = boxes[kept]
+    if merge_iou is not None:
+        out = merged_boxes(out, boxes[keep], scores[keep], merge_iou)
+    return Detections(out, scores[kept], np.zeros(len(kept), dtype=np.int64))
+
+
+def merged_boxes(kept: np.ndarray, candidates: np.ndarray, scores: np.ndarray, merge_iou: float) -> np.ndarray:
+    """(K, 7) kept boxes -> each the score-weighted mean of the candidates (N, 7) overlapping it by at least
+    `merge_iou` (BEV IoU): centre and size averaged; heading averaged as a footprint (doubled angles) and
+    turned to the kept box's direction."""
+    weights = (rotated_iou_bev(kept, candidates) >= merge_iou) * scores[None, :]  # (K, N); a kept box is a candidate
+    weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+    out = kept.copy()
+    out[:, :6] = weights @ candidates[:, :6]
+    doubled = weights @ np.column_stack([np.cos(2 * candidates[:, 6]), np.sin(2 * candidates[:, 6])])
+    yaw = 0.5 * np.arctan2(doubled[:, 1], doubled[:, 0])
+    flip = np.cos(yaw - kept[:, 6]) < 0  # the kept box's direction, not the footprint's other end
+    out[:, 6] = wrap_angle(yaw + np.pi * flip)
+    return out
 
 
 def score_logits(scores: torch.Tensor) -> torch.Tensor:
@@ -143,7 +164,7 @@ class AnchorCentric(Strategy):
                                                     model.anchors, score_threshold, nms_threshold))
             else:
                 refined = fusion.refine(feats[:1], model.feature_grid, [own], [received])[0]
-                detections.append(refined_detections(refined, score_threshold, nms_threshold))
+                detections.append(refined_detections(refined, score_threshold, nms_threshold, fusion.settings.merge_iou))
             sizes.append(list(stats.delivered_bytes.values()))
             ages.append(list(stats.fused_ages.values()))
             rejected.update(stats.rejected)
