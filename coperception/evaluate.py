@@ -68,7 +68,8 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         if attack is not None:
             raise ConfigError("the ghost attack forges cell messages; anchor-centric cooperation sends anchors")
         session = anchor_session(model, cfg)
-    sparse = (model.agent is not None and model.agent.codec.sparse) or session is not None
+    # messages that go through the channel: ages and refusals are reported
+    sparse = (model.agent is not None and model.agent.codec.sparse) or getattr(model, "anchor_fusion", None) is not None
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
     model_ms = []
@@ -79,7 +80,9 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     for batch, _, prepared in tqdm(loader, desc=f"eval {label}", disable=not progress):
         load_ms.append((time.perf_counter() - t_load) * 1e3)
         t0 = time.perf_counter()
-        out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold, session)
+        with torch.no_grad():  # inference: no autograd graph of the forward
+            out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold,
+                                  session)
         synchronize(device)
         model_ms.append((time.perf_counter() - t0) * 1e3)
         rejected.update(out.rejected or {})

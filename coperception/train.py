@@ -123,8 +123,8 @@ class Trainer:
         self.freeze = cfg.train.freeze_detector
         if self.freeze:
             prefix, self.trainable = model.trainable_when_frozen()
-            for name, param in model.named_parameters():
-                param.requires_grad_(name.startswith(prefix))
+            for name, param in model.named_parameters():  # (a weight its module leaves unused stays so)
+                param.requires_grad_(name.startswith(prefix) and param.requires_grad)
         model.to(self.device)
         self.train_set = self.open_split(cfg.dataset.train_split)
         self.val_set = self.open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and self.ddp.main else None
@@ -143,7 +143,8 @@ class Trainer:
         self.state = _State(model, optimizer, scheduler)
         self.resumed_from = self.resume() if resume else None
         self.train_model: torch.nn.Module = model
-        if self.ddp.world > 1 and not self.freeze:
+        # a frozen detector whose codebook moves by EMA only has no gradient to reduce; anything else does
+        if self.ddp.world > 1 and any(p.requires_grad for p in model.parameters()):
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # fp16 needs loss scaling against underflow; bf16 has fp32's exponent range and does not

@@ -8,9 +8,12 @@ candidates; each candidate attends to the received anchors within `radius_m` of 
 carrying a relative-pose encoding (offset in the candidate's box frame, heading and size differences),
 the query carrying the ego's own BEV features at the candidate's centre and side midpoints, so the ego
 weighs what others saw against what it sees itself. Every layer refines the candidate; the last gives a
-score and a box correction for every candidate (one score scale for all; a candidate no received
-anchor is near is rescored from the ego's own features alone). An ego that received nothing keeps the
-detector's scores and boxes exactly (it detects as alone); anchors only others saw stay candidates.
+new score for every candidate (`rescore: all`, one score scale for all: a candidate no received anchor
+is near is rescored from the ego's own features alone) and, with `refine_boxes`, a box correction (off
+by default: measured worse). The ego side (`pipeline/anchor_exchange.py`) then keeps the confident
+candidates after NMS, each box the score-weighted mean of the candidates overlapping it (`merge_iou`).
+An ego that received nothing keeps the detector's scores and boxes exactly (it detects as alone);
+anchors only others saw stay candidates.
 """
 
 from __future__ import annotations
@@ -181,6 +184,7 @@ class AnchorFusion(nn.Module):
         for layer in (self.score, self.box):  # training starts from the candidates as they are
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.box.requires_grad_(s.refine_boxes)  # unused weights would stall DDP's gradient reduction
 
     @property
     def bits(self) -> int:

@@ -123,10 +123,11 @@ class AnchorCentric(Strategy):
         own, sent_feats, sent_meta = [], [], []
         for b, start in enumerate(starts):
             own.append(top_anchors(head, start, model.anchors, model.head.r, s.candidate_score, fusion.nms_threshold,
-                               s.ego_candidates))
+                                   s.ego_candidates))
             for k in range(1, batch.record_len[b]):
                 view = start + k
-                a = top_anchors(head, view, model.anchors, model.head.r, s.min_score, fusion.nms_threshold, s.max_anchors)
+                a = top_anchors(head, view, model.anchors, model.head.r, s.min_score, fusion.nms_threshold,
+                                s.max_anchors)
                 T = batch.T_ego_from_agent[view]
                 if model.training:
                     T = _pose_noise(T, s.train_pose_noise_m, s.train_pose_noise_deg)
@@ -249,7 +250,7 @@ class AnchorSession:
         for k, view in enumerate(views[1:], start=1):
             # every detection is tracked (a track survives an object's leaving the top anchors); the top are sent
             detected = top_anchors(head, k, self.anchors, self.anchors_per_cell, s.min_score, nms,
-                               s.max_anchors if self.motion is None else len(self.anchors))
+                                   s.max_anchors if self.motion is None else len(self.anchors))
             sent = AnchorSet(detected.boxes[:s.max_anchors], detected.logits[:s.max_anchors],
                              detected.cells[:s.max_anchors])
             velocity = self._velocities(scenario, view, detected)[:s.max_anchors] if self.motion is not None else None

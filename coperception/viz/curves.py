@@ -111,7 +111,8 @@ def plot_fusion(rep: dict[str, Any], path: str | Path) -> None:
                        label="ego only (nothing sent)" if name == "none" else "late fusion, clean channel")
     ax.set_xticks(range(len(conditions)), conditions, fontsize=8, rotation=20)
     ax.set_ylabel("AP@0.5 (global sort)")
-    ax.set_title("Fusion of codebook messages under channel impairments", fontsize=10)
+    ax.set_title("Fusion under channel impairments (codebook messages; anchor messages for anchor-centric)",
+                 fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower left", ncol=2)
     fig.tight_layout()
