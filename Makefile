@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip >/dev/null
 	# torch first and pinned: the CPU wheel; anything unpinned pulls a multi-GB CUDA build
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[dev,export]'
+	$(PY) -m pip install -e '.[dev,export,spconv]'
 	touch $(STAMP)
 
 install: $(STAMP)

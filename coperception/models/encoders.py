@@ -99,3 +99,6 @@ class EncoderSet(nn.Module):
             out[views.to(feats.device)] = feats
         assert out is not None
         return out
+
+
+from coperception.models import second  # noqa: E402,F401  (registers `second`; spconv is imported when one is built)
