@@ -7,9 +7,6 @@ agent kind uses is `model.encoders` in the config.
 
 from __future__ import annotations
 
-import abc
-from typing import Callable, ClassVar
-
 import torch
 from torch import nn
 
@@ -17,30 +14,12 @@ from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
 from coperception.grid import BEVGrid
 from coperception.models.backbone import BEVBackbone
+from coperception.models.encoder_base import ENCODERS, KIND_NAMES, BEVEncoder
+from coperception.models import second  # noqa: F401  (registers `second`; spconv is imported when one is built)
 from coperception.models.pillars import PillarFeatureNet, scatter_to_bev
-from coperception.registry import Registry
 from coperception.types import AgentBatch
 
-
-class BEVEncoder(nn.Module, abc.ABC):
-    inputs: ClassVar[tuple[str, ...]]  # names of the optional AgentBatch fields it reads
-    out_channels: int
-    grid: BEVGrid  # the grid of the features it returns
-
-    @abc.abstractmethod
-    def forward(self, batch: AgentBatch) -> torch.Tensor:
-        """(batch.n_agents, out_channels, grid.height, grid.width), each view in its own frame."""
-
-    def check_inputs(self, batch: AgentBatch) -> None:
-        missing = [name for name in self.inputs if getattr(batch, name, None) is None]
-        if missing:
-            raise ConfigError(f"encoder {type(self).__name__} needs the batch input(s) {missing}, which the data "
-                              f"preparation did not provide")
-
-
-KIND_NAMES = ("vehicle", "rsu")  # AgentBatch.kind 0, 1
-
-ENCODERS: Registry[Callable[[ModelConfig, DatasetConfig], BEVEncoder]] = Registry("model.encoders")
+__all__ = ["BEVEncoder", "ENCODERS", "KIND_NAMES", "EncoderSet", "PointPillarsEncoder"]
 
 
 @ENCODERS.register("pointpillars")
@@ -100,5 +79,3 @@ class EncoderSet(nn.Module):
         assert out is not None
         return out
 
-
-from coperception.models import second  # noqa: E402,F401  (registers `second`; spconv is imported when one is built)

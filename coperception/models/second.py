@@ -22,7 +22,7 @@ from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
 from coperception.grid import BEVGrid
 from coperception.models.backbone import BEVBackbone
-from coperception.models.encoders import ENCODERS, BEVEncoder
+from coperception.models.encoder_base import ENCODERS, BEVEncoder
 from coperception.types import AgentBatch
 
 SPARSE_CHANNELS = (16, 32, 32)  # sub-manifold stem, then two stages that halve the height
