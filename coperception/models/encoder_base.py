@@ -24,6 +24,12 @@ class BEVEncoder(nn.Module, abc.ABC):
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         """(batch.n_agents, out_channels, grid.height, grid.width), each view in its own frame."""
 
+    def on_grid(self, feats: torch.Tensor) -> torch.Tensor:
+        """`feats` brought to the encoder's grid (odd input sizes leave a backbone a cell off)."""
+        if feats.shape[-2:] != (self.grid.height, self.grid.width):
+            feats = nn.functional.interpolate(feats, size=(self.grid.height, self.grid.width), mode="nearest")
+        return feats
+
     def check_inputs(self, batch: AgentBatch) -> None:
         missing = [name for name in self.inputs if getattr(batch, name, None) is None]
         if missing:
@@ -34,3 +40,11 @@ class BEVEncoder(nn.Module, abc.ABC):
 KIND_NAMES = ("vehicle", "rsu")  # AgentBatch.kind 0, 1
 
 ENCODERS: Registry[Callable[[ModelConfig, DatasetConfig], BEVEncoder]] = Registry("model.encoders")
+
+
+def input_grid(mcfg: ModelConfig, dcfg: DatasetConfig) -> tuple[list[float], BEVGrid]:
+    """The point-cloud range and the x/y grid of the voxels (square cells)."""
+    if abs(mcfg.voxel_size[0] - mcfg.voxel_size[1]) > 1e-9:
+        raise ConfigError("model.voxel_size: square voxels expected (x == y)")
+    r = [float(v) for v in dcfg.point_cloud_range]
+    return r, BEVGrid.from_range(r, float(mcfg.voxel_size[0]))

@@ -14,7 +14,7 @@ from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
 from coperception.grid import BEVGrid
 from coperception.models.backbone import BEVBackbone
-from coperception.models.encoder_base import ENCODERS, KIND_NAMES, BEVEncoder
+from coperception.models.encoder_base import ENCODERS, KIND_NAMES, BEVEncoder, input_grid
 from coperception.models import second  # noqa: F401  (registers `second`; spconv is imported when one is built)
 from coperception.models.pillars import PillarFeatureNet, scatter_to_bev
 from coperception.types import AgentBatch
@@ -30,10 +30,7 @@ class PointPillarsEncoder(BEVEncoder):
 
     def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig):
         super().__init__()
-        if abs(mcfg.voxel_size[0] - mcfg.voxel_size[1]) > 1e-9:
-            raise ConfigError("model.voxel_size: square pillars expected (x == y)")
-        r = [float(v) for v in dcfg.point_cloud_range]
-        self.input_grid = BEVGrid.from_range(r, float(mcfg.voxel_size[0]))
+        r, self.input_grid = input_grid(mcfg, dcfg)
         self.pfn = PillarFeatureNet(mcfg.pfn_channels, self.input_grid, (r[2], r[5]))
         self.backbone = BEVBackbone(mcfg.pfn_channels, mcfg.layers, mcfg.strides, mcfg.filters, mcfg.upsample_filters)
         self.out_channels = self.backbone.out_channels
@@ -44,10 +41,7 @@ class PointPillarsEncoder(BEVEncoder):
         lidar = batch.lidar
         assert lidar is not None
         pillars = self.pfn(lidar.voxels, lidar.num_points, lidar.coords)
-        feats = self.backbone(scatter_to_bev(pillars, lidar.coords, batch.n_agents, self.input_grid))
-        if feats.shape[-2:] != (self.grid.height, self.grid.width):
-            feats = nn.functional.interpolate(feats, size=(self.grid.height, self.grid.width), mode="nearest")
-        return feats
+        return self.on_grid(self.backbone(scatter_to_bev(pillars, lidar.coords, batch.n_agents, self.input_grid)))
 
 
 class EncoderSet(nn.Module):

@@ -22,7 +22,7 @@ from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
 from coperception.grid import BEVGrid
 from coperception.models.backbone import BEVBackbone
-from coperception.models.encoder_base import ENCODERS, BEVEncoder
+from coperception.models.encoder_base import ENCODERS, BEVEncoder, input_grid
 from coperception.types import AgentBatch
 
 SPARSE_CHANNELS = (16, 32, 32)  # sub-manifold stem, then two stages that halve the height
@@ -112,10 +112,7 @@ class SecondEncoder(BEVEncoder):
 
     def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig):
         super().__init__()
-        if abs(mcfg.voxel_size[0] - mcfg.voxel_size[1]) > 1e-9:
-            raise ConfigError("model.voxel_size: square voxels expected (x == y)")
-        r = [float(v) for v in dcfg.point_cloud_range]
-        self.input_grid = BEVGrid.from_range(r, float(mcfg.voxel_size[0]))
+        r, self.input_grid = input_grid(mcfg, dcfg)
         depth = int(np.round((r[5] - r[2]) / mcfg.voxel_size[2]))
         if depth < 2:
             raise ConfigError(f"encoder `second`: model.voxel_size z {mcfg.voxel_size[2]} gives {depth} height layer(s) "
@@ -136,7 +133,4 @@ class SecondEncoder(BEVEncoder):
         mask = (torch.arange(lidar.voxels.shape[1], device=lidar.voxels.device)[None, :] < lidar.num_points[:, None])
         mean = (lidar.voxels * mask[..., None]).sum(dim=1) / n  # (V, 4)
         feats = self.middle(self.voxel_features(mean), lidar.coords, batch.n_agents)
-        out = self.backbone(feats)
-        if out.shape[-2:] != (self.grid.height, self.grid.width):
-            out = nn.functional.interpolate(out, size=(self.grid.height, self.grid.width), mode="nearest")
-        return out
+        return self.on_grid(self.backbone(feats))
