@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from coperception.comm.payload import serialize_boxes, serialize_points
-from coperception.grid import BEVGrid
 from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
 from coperception.geometry import transform_boxes
+from coperception.grid import BEVGrid
 from coperception.models.heads import AnchorHead, HeadOutput
 from coperception.models.uncertainty import UncertaintyHead, as_sent
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms
