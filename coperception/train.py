@@ -26,7 +26,7 @@ from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.prepared import EpochSampler, PreparedDataset
 from coperception.datasets.readers import InMemoryDataset, build_dataset
 from coperception.device import autocast, distributed_backend, resolve_device
-from coperception.errors import ConfigError, OutputError
+from coperception.errors import OutputError
 from coperception.evaluate import evaluate_method
 from coperception.io import read_json, write_json, write_yaml
 from coperception.models.losses import LossWeights, detection_loss
