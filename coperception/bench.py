@@ -466,7 +466,7 @@ def anchor_ms(model: Any, senders: int = 3, runs: int = 20) -> dict[str, float]:
             return time_runs(lambda: (step(), synchronize(device)), runs, warmup=3)[0]["median_ms"]
 
     return {"fusion": median_ms(lambda: refined_detections(fusion.refine(feats, grid, [own], [received])[0], 0.2,
-                                                           fusion.nms_threshold)),
+                                                           fusion.nms_threshold, s.merge_iou)),
             "sender_anchors": median_ms(lambda: fusion.code(anchor_feats))}
 
 
