@@ -44,24 +44,29 @@ def rotated_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max
     return np.array(keep, dtype=np.int64)
 
 
+def _nms_decoded(out: HeadOutput, b: int, anchors: torch.Tensor, min_score: float, nms_threshold: float,
+                 pre_nms: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """Sample `b`'s anchors at least `min_score` confident (the `pre_nms` most confident), decoded and
+    through rotated NMS: their anchor indices, boxes (tensor), boxes and scores as float64 arrays and the
+    kept positions among them, most confident first."""
+    scores = torch.sigmoid(out.cls[b].detach())
+    chosen = torch.nonzero(scores >= min_score).squeeze(1)
+    if len(chosen) > pre_nms:
+        chosen = chosen[torch.topk(scores[chosen], pre_nms).indices]
+    boxes = decode_boxes(out.reg[b, chosen].detach(), anchors[chosen])
+    boxes[:, 6] = apply_direction(boxes[:, 6], out.direction[b, chosen].detach().argmax(dim=1))
+    boxes_np = boxes.cpu().double().numpy()
+    scores_np = scores[chosen].cpu().double().numpy()
+    kept = rotated_nms(boxes_np, scores_np, nms_threshold) if len(chosen) else np.zeros(0, dtype=np.int64)
+    return chosen, boxes, boxes_np, scores_np, kept
+
+
 def decode_detections(out: HeadOutput, anchors: torch.Tensor, score_threshold: float, nms_threshold: float,
                       pre_nms: int = 1000) -> list[Detections]:
     """Per sample of the batch: boxes above the score threshold after rotated NMS."""
     results = []
-    scores_all = torch.sigmoid(out.cls)
     for b in range(out.cls.shape[0]):
-        scores = scores_all[b]
-        keep = torch.nonzero(scores >= score_threshold).squeeze(1)
-        if len(keep) > pre_nms:
-            keep = keep[torch.topk(scores[keep], pre_nms).indices]
-        if len(keep) == 0:
-            results.append(Detections.empty())
-            continue
-        boxes = decode_boxes(out.reg[b, keep], anchors[keep])
-        boxes[:, 6] = apply_direction(boxes[:, 6], out.direction[b, keep].argmax(dim=1))
-        boxes_np = boxes.detach().cpu().double().numpy()
-        scores_np = scores[keep].detach().cpu().double().numpy()
-        kept = rotated_nms(boxes_np, scores_np, nms_threshold)
+        _, _, boxes_np, scores_np, kept = _nms_decoded(out, b, anchors, score_threshold, nms_threshold, pre_nms)
         results.append(Detections(boxes_np[kept], scores_np[kept], np.zeros(len(kept), dtype=np.int64)))
     return results
 
@@ -70,18 +75,8 @@ def top_anchors(head: HeadOutput, view: int, anchors: torch.Tensor, anchors_per_
                 nms_threshold: float, keep: int, pre_nms: int = 500) -> AnchorSet:
     """The `keep` most confident anchors of view `view` of `head` at least `min_score` confident, after
     rotated NMS (most confident first), decoded into boxes of the view's frame (detached)."""
-    logits = head.cls[view].detach()
-    device = logits.device
-    chosen = torch.nonzero(torch.sigmoid(logits) >= min_score).squeeze(1)
-    if len(chosen) > pre_nms:
-        chosen = chosen[torch.topk(logits[chosen], pre_nms).indices]
-    if len(chosen) == 0:
-        return AnchorSet(torch.zeros(0, 7, device=device), torch.zeros(0, device=device),
-                         torch.zeros(0, dtype=torch.int64, device=device))
-    boxes = decode_boxes(head.reg[view, chosen].detach(), anchors[chosen])
-    boxes[:, 6] = apply_direction(boxes[:, 6], head.direction[view, chosen].detach().argmax(dim=1))
-    kept = rotated_nms(boxes.cpu().double().numpy(), logits[chosen].cpu().double().numpy(), nms_threshold)[:keep]
-    kept_t = torch.from_numpy(kept).to(device)
+    chosen, boxes, _, _, kept = _nms_decoded(head, view, anchors, min_score, nms_threshold, pre_nms)
+    kept_t = torch.from_numpy(kept[:keep]).to(chosen.device)
     # anchors are flattened in the order (H, W, R): R anchors per cell
     cells = torch.div(chosen[kept_t], anchors_per_cell, rounding_mode="floor")
-    return AnchorSet(boxes[kept_t], logits[chosen][kept_t], cells)
+    return AnchorSet(boxes[kept_t], head.cls[view].detach()[chosen[kept_t]], cells)

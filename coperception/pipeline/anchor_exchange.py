@@ -22,18 +22,17 @@ import numpy as np
 import torch
 
 from coperception.comm.anchor_wire import AnchorMessage, decode_anchor_message, encode_anchor_message
-from coperception.comm.channel import Channel, Transmission, newest_arrived
+from coperception.comm.channel import Channel, Transmission
 from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage
-from coperception.comm.wire import ReplayedMessage, StaleMessage
 from coperception.config import ExperimentConfig, MotionSettings
-from coperception.datasets.collate import AgentInput, PreparedSample, views_batch
+from coperception.datasets.collate import AgentInput, PreparedSample
 from coperception.fusion.anchor_centric import MAX_LOGIT, AnchorFusion, ReceivedAnchors, Refined, transform_boxes_torch
 from coperception.fusion.motion import MotionTracker
 from coperception.geometry import invert, rotated_iou_bev, transform_boxes, wrap_angle
 from coperception.models.heads import HeadOutput
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms, top_anchors
-from coperception.pipeline.session import FrameComm
+from coperception.pipeline.session import FrameComm, check_fresh, newest_to_fuse
 from coperception.pipeline.strategies import STRATEGIES, CooperativeParts, Strategy, StrategyOutput, TrainOutput
 from coperception.types import AgentBatch, AnchorSet
 
@@ -154,11 +153,13 @@ class AnchorCentric(Strategy):
         fusion = model.anchor_fusion
         assert fusion is not None
         device = model.anchors.device
+        all_feats = model.encode(batch)  # every view in its own frame, as each agent encodes it
+        all_head = model.head(all_feats)
         detections, sizes, ages = [], [], []
         rejected: Counter[str] = Counter()
-        for p in prepared:
-            feats = model.encode(views_batch([p.agents]).to(device))
-            head = model.head(feats)
+        for p, start, n in zip(prepared, batch.ego_index.tolist(), batch.record_len):
+            rows = torch.arange(start, start + n, device=device)
+            feats, head = all_feats[rows], _head_of(all_head, rows)
             own, received, stats = session.deliver(p, feats, head)
             if len(received.boxes) == 0:  # nothing arrived: the ego detects alone, exactly as ego-only
                 detections.extend(decode_detections(_head_of(head, torch.zeros(1, dtype=torch.long, device=device)),
@@ -223,14 +224,7 @@ class AnchorSession:
         msg = decode_anchor_message(tx.deliveries[0].packet, self.keys, self.keys is not None, self.digest, s.stages,
                                     self.fusion.bits)
         if self.keys is not None:
-            last = self.last_sequence.get(where)
-            if last is not None and msg.sequence <= last:
-                raise ReplayedMessage(f"sender {msg.sender}: sequence {msg.sequence} after {last}")
-            slack = self.cfg.comm.channel.fusion_deadline_ms / 1e3
-            if not ego_time - self.cfg.comm.freshness_ms / 1e3 <= msg.capture_time <= ego_time + slack:
-                raise StaleMessage(f"sender {msg.sender}: captured at {msg.capture_time:.3f} s, the ego is at "
-                                   f"{ego_time:.3f} s")
-            self.last_sequence[where] = msg.sequence
+            check_fresh(self.last_sequence, where, msg.sender, msg.sequence, msg.capture_time, ego_time, self.cfg.comm)
         self.held[where] = (tx, msg)
         return msg
 
@@ -264,13 +258,8 @@ class AnchorSession:
         device = feats.device
         for view in views[1:]:
             where = (scenario, view.sender)
-            queue = self.queues.get(where, [])
-            tx = newest_arrived(queue, ego_time + cfg.comm.channel.fusion_deadline_ms / 1e3)
+            tx = newest_to_fuse(self.queues, where, ego_time, cfg.comm.channel)
             if tx is None:
-                continue
-            self.queues[where] = [t for t in queue if t.capture_time >= tx.capture_time]
-            max_age = cfg.comm.channel.max_message_age_ms
-            if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
                 continue
             try:
                 msg = self._receive(tx, where, ego_time)

@@ -30,7 +30,7 @@ from coperception.comm.codecs import CellCodec, CodebookCodec, DenseCodec
 from coperception.comm.keys import load_keys
 from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import Expected, Message, ReplayedMessage, StaleMessage, decode_packets, encode_message
-from coperception.config import CommConfig, ExperimentConfig, MotionSettings
+from coperception.config import ChannelConfig, CommConfig, ExperimentConfig, MotionSettings
 from coperception.errors import ConfigError
 from coperception.datasets.collate import AgentInput, PreparedSample, Projector
 from coperception.datasets.voxelize import pillar_points
@@ -82,6 +82,35 @@ class FrameComm:
     fused_ages: dict[int, float]  # per sender whose message was delivered: ego time - capture time
     rejected: dict[str, int] = field(default_factory=dict)  # messages the ego refused, by reason
     held: list[HeldMessage] = field(default_factory=list)  # what the ego fused, per sender (cell messages)
+
+
+def newest_to_fuse(queues: dict[tuple[str, int], list[Transmission]], where: tuple[str, int], ego_time: float,
+                   channel: ChannelConfig) -> Transmission | None:
+    """The transmission of link `where` the ego fuses at `ego_time`: the newest whose packets have all arrived
+    by the fusion deadline (older ones leave the queue); None when none has, or when it is older than
+    `channel.max_message_age_ms`."""
+    queue = queues.get(where, [])
+    tx = newest_arrived(queue, ego_time + channel.fusion_deadline_ms / 1e3)
+    if tx is None:
+        return None
+    queues[where] = [t for t in queue if t.capture_time >= tx.capture_time]
+    max_age = channel.max_message_age_ms
+    if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
+        return None
+    return tx
+
+
+def check_fresh(last_sequence: dict[tuple[str, int], int], where: tuple[str, int], sender: int, sequence: int,
+                capture_time: float, ego_time: float, comm: CommConfig) -> None:
+    """An authenticated message must be newer than the last one accepted from its sender (`ReplayedMessage`)
+    and captured within the freshness window (`StaleMessage`); an accepted one's sequence is recorded."""
+    last = last_sequence.get(where)
+    if last is not None and sequence <= last:
+        raise ReplayedMessage(f"sender {sender}: sequence {sequence} after {last}")
+    slack = comm.channel.fusion_deadline_ms / 1e3
+    if not ego_time - comm.freshness_ms / 1e3 <= capture_time <= ego_time + slack:
+        raise StaleMessage(f"sender {sender}: captured at {capture_time:.3f} s, the ego is at {ego_time:.3f} s")
+    last_sequence[where] = sequence
 
 
 @dataclass
@@ -156,14 +185,7 @@ class CommSession:
         msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys, require_auth=self.keys is not None,
                              expected=self.expected)
         if self.keys is not None:
-            last = self.last_sequence.get(where)
-            if last is not None and msg.sequence <= last:
-                raise ReplayedMessage(f"sender {msg.sender}: sequence {msg.sequence} after {last}")
-            slack = self.cfg.channel.fusion_deadline_ms / 1e3
-            if not ego_time - self.cfg.freshness_ms / 1e3 <= msg.capture_time <= ego_time + slack:
-                raise StaleMessage(f"sender {msg.sender}: captured at {msg.capture_time:.3f} s, the ego is at "
-                                   f"{ego_time:.3f} s")
-            self.last_sequence[where] = msg.sequence
+            check_fresh(self.last_sequence, where, msg.sender, msg.sequence, msg.capture_time, ego_time, self.cfg)
         self.held[where] = (tx, msg)
         return msg
 
@@ -368,14 +390,9 @@ class CommSession:
         checks = self.cfg.consistency
         ego_free = free_space(pillar_points(views[0].voxels), self.grid, checks.ground_z) if checks.enabled else None
         for view in views[1:]:
-            queue = self.queues.get((scenario, view.sender), [])
-            tx = newest_arrived(queue, ego_time + self.cfg.channel.fusion_deadline_ms / 1e3)
-            if tx is None:
+            tx = newest_to_fuse(self.queues, (scenario, view.sender), ego_time, self.cfg.channel)
+            if tx is None:  # nothing arrived, or too old to help: the ego detects without this sender
                 continue
-            self.queues[(scenario, view.sender)] = [t for t in queue if t.capture_time >= tx.capture_time]
-            max_age = self.cfg.channel.max_message_age_ms
-            if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
-                continue  # too old to help: the ego detects without this sender
             try:
                 msg = self._receive(tx, (scenario, view.sender), ego_time)
             except MalformedMessage as exc:  # this sender's message is dropped; the ego goes on with the rest
