@@ -356,19 +356,12 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
             continue
         run = cfg.variant(strategy="intermediate", codec="codebook", fusion=fusion)
         checkpoint = finetune_fusion(run, fusion, checkpoints["max"], train_dir, epochs, log, cache)
-        trained = with_trained_fusion(run, checkpoint).fusion  # the method and options it was trained with
+        trained = with_trained_fusion(run, checkpoint)  # the method and options it was trained with
         for motion in (False, True):
             label = fusion + (" + motion" if motion else "")
-            fusion_cfg = trained.model_copy(update={"motion": cfg.fusion.motion.model_copy(update={"enabled": motion})})
-            entries = {}
-            for condition, channel in FUSION_CONDITIONS:
-                cond = cfg.variant(strategy="intermediate", codec="codebook", channel=channel)
-                cond = cond.model_copy(update={"fusion": fusion_cfg})
-                entry = _eval(checkpoint, cond, split, data, log, f"{label:<28} {condition}")
-                entry["params"]["condition"] = condition
-                entries[condition] = entry
-            model = load_model(checkpoint, cond)
-            entries["clean"]["ms"].update(fusion_ms(model, cond))
+            base = with_motion(trained, cfg, motion)
+            entries = under_conditions(checkpoint, base, label, split, data, log)
+            entries["clean"]["ms"].update(fusion_ms(load_model(checkpoint, base), base))
             rows[label] = {"checkpoint": str(checkpoint), "conditions": entries}
             if label not in methods:
                 methods[label] = entries["clean"]
@@ -392,6 +385,23 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
     return rep
 
 
+def with_motion(run: ExperimentConfig, cfg: ExperimentConfig, enabled: bool) -> ExperimentConfig:
+    """`run` with `cfg`'s motion-compensation settings, switched on or off."""
+    return run.model_copy(update={"fusion": run.fusion.model_copy(update={
+        "motion": cfg.fusion.motion.model_copy(update={"enabled": enabled})})})
+
+
+def under_conditions(checkpoint: Path, base: ExperimentConfig, label: str, split: str, data: CooperativeDataset,
+                     log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """`checkpoint` evaluated as `base` describes under every channel condition of `FUSION_CONDITIONS`."""
+    entries = {}
+    for condition, channel in FUSION_CONDITIONS:
+        entry = _eval(checkpoint, base.variant(channel=channel), split, data, log, f"{label:<28} {condition}")
+        entry["params"]["condition"] = condition
+        entries[condition] = entry
+    return entries
+
+
 ANCHOR_ROW = "anchor"  # `bench fusion`'s name of the anchor-centric row
 ANCHOR_LR = 1e-3  # the refinement trains from scratch on a frozen detector: twice the fusions' fine-tuning rate
 
@@ -408,21 +418,13 @@ def bench_anchor(cfg: ExperimentConfig, ego_checkpoint: Path | None, train_dir: 
                           "(--ego-checkpoint)")
     run = cfg.variant(strategy="anchor", train={"freeze_detector": True, "lr": ANCHOR_LR})
     checkpoint = finetune_fusion(run, ANCHOR_ROW, ego_checkpoint, train_dir, epochs, log, cache)
-    stored = load_checkpoint(checkpoint).get("config")
-    if isinstance(stored, dict) and isinstance(stored.get("fusion"), dict):  # the anchor settings it was trained with
-        run = run.model_copy(update={"fusion": FusionConfig.model_validate(stored["fusion"])})
+    run = with_trained_fusion(run, checkpoint)  # the anchor settings it was trained with
+    ms = anchor_ms(load_model(checkpoint, run))  # the ego side is the same with and without velocities
     rows = []
     for motion in (False, True):
         label = "anchor-centric" + (" + motion" if motion else "")
-        moving = run.model_copy(update={"fusion": run.fusion.model_copy(update={
-            "motion": cfg.fusion.motion.model_copy(update={"enabled": motion})})})
-        entries = {}
-        for condition, channel in FUSION_CONDITIONS:
-            cond = moving.variant(channel=channel)
-            entry = _eval(checkpoint, cond, split, data, log, f"{label:<28} {condition}")
-            entry["params"]["condition"] = condition
-            entries[condition] = entry
-        entries["clean"]["ms"].update(anchor_ms(load_model(checkpoint, run)))
+        entries = under_conditions(checkpoint, with_motion(run, cfg, motion), label, split, data, log)
+        entries["clean"]["ms"].update(ms)
         rows.append((label, entries, checkpoint))
     return rows
 
