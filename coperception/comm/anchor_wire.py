@@ -18,8 +18,6 @@ sender do not fit and are refused at encoding.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import math
 import struct
 import zlib
@@ -30,7 +28,8 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from coperception.comm.kinds import MalformedMessage
-from coperception.comm.wire import AuthenticationError, CodebookMismatch, CRCError, pack_bits, unpack_bits
+from coperception.comm.wire import (_CRC, _MAC, FLAG_HMAC, CodebookMismatch, CRCError, pack_bits, seal, unpack_bits,
+                                   verify_signature)
 
 ANCHOR_MAGIC = b"CA"
 ANCHOR_VERSION = 1
@@ -38,10 +37,8 @@ ANCHOR_HEADER = struct.Struct("<2sBBiId3f4f4sBBB")
 ANCHOR_RECORD = struct.Struct("<hhbBBBBB")
 ANCHOR_SCALE = np.array([0.01, 0.01, 0.1, 0.05, 0.05, 0.05, 2 * np.pi / 256, 1 / 255])
 ANCHOR_LIMITS = np.array([[-32768, 32767]] * 2 + [[-128, 127]] + [[1, 255]] * 3 + [[0, 255]] * 2)
-FLAG_HMAC = 2
 FLAG_VELOCITY = 4
 VELOCITY_SCALE = 0.25  # m/s per stored unit (i8: up to 31.75 m/s)
-_CRC, _MAC = 4, 32
 MAX_ANCHORS = 255
 
 
@@ -112,11 +109,8 @@ def encode_anchor_message(msg: AnchorMessage, mtu: int, key: bytes | None = None
     header = ANCHOR_HEADER.pack(ANCHOR_MAGIC, ANCHOR_VERSION, flags, int(msg.sender),
                                 msg.sequence & 0xFFFFFFFF, float(msg.capture_time), *T[:3, 3].tolist(), *quat.tolist(),
                                 msg.codebook_hash[:4], count, stages, msg.bits)
-    body = header + b"".join(ANCHOR_RECORD.pack(*row) for row in q.tolist()) + pack_bits(codes, msg.bits) + velocity
-    body += struct.pack("<I", zlib.crc32(body))
-    if key:
-        body += hmac.new(key, body, hashlib.sha256).digest()
-    return body
+    return seal(header + b"".join(ANCHOR_RECORD.pack(*row) for row in q.tolist()) + pack_bits(codes, msg.bits)
+                + velocity, key)
 
 
 def decode_anchor_message(data: bytes, keys: Mapping[int, bytes] | None = None, require_auth: bool = False,
@@ -145,14 +139,7 @@ def decode_anchor_message(data: bytes, keys: Mapping[int, bytes] | None = None, 
     (crc,) = struct.unpack_from("<I", data, body_end)
     if zlib.crc32(data[:body_end]) != crc:
         raise CRCError(f"CRC32 mismatch in anchor message {sequence} from sender {sender}")
-    if mac_len:
-        key = (keys or {}).get(sender)
-        if key is None:
-            raise AuthenticationError(f"anchor message from sender {sender} is signed but no key is known for it")
-        if not hmac.compare_digest(hmac.new(key, data[: body_end + _CRC], hashlib.sha256).digest(), data[body_end + _CRC:]):
-            raise AuthenticationError(f"HMAC of an anchor message from sender {sender} does not verify with its key")
-    elif require_auth:
-        raise AuthenticationError(f"anchor message from sender {sender} is not signed but authentication is required")
+    verify_signature(data, body_end, bool(mac_len), sender, keys, require_auth, "anchor message")
     if codebook_hash is not None and cb_hash != codebook_hash[:4]:
         raise CodebookMismatch(f"anchor message from sender {sender} was coded with anchor codebook {cb_hash.hex()}, "
                                f"the receiver holds {codebook_hash[:4].hex()}")

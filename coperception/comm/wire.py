@@ -336,12 +336,30 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
                               *_pose_fields(msg.pose), msg.grid.x_min, msg.grid.y_min, msg.grid.cell,
                               msg.grid.height, msg.grid.width, msg.codebook_hash, msg.segments, msg.stages, channels,
                               start, length, len(part), len(index_bytes))
-        body = header + index_bytes + payload
-        body += struct.pack("<I", zlib.crc32(body))
-        if key:
-            body += hmac.new(key, body, hashlib.sha256).digest()
-        packets.append(body)
+        packets.append(seal(header + index_bytes + payload, key))
     return packets
+
+
+def seal(body: bytes, key: bytes | None) -> bytes:
+    """`body`, its CRC32 and, with `key`, the HMAC-SHA256 of both (every packet of both wire formats ends so)."""
+    body += struct.pack("<I", zlib.crc32(body))
+    return body + hmac.new(key, body, hashlib.sha256).digest() if key else body
+
+
+def verify_signature(data: bytes, body_end: int, signed: bool, sender: int, keys: Mapping[int, bytes] | None,
+                     require_auth: bool, what: str) -> None:
+    """The HMAC that follows `data[:body_end]` and its CRC, checked with `sender`'s key (`signed`), or its
+    absence refused (`require_auth`); `what` names the message in the `AuthenticationError`."""
+    article = "an" if what[0] in "aeiou" else "a"
+    if signed:
+        key = (keys or {}).get(sender)
+        if key is None:
+            raise AuthenticationError(f"{what} from sender {sender} is signed but no key is known for it")
+        mac = hmac.new(key, data[: body_end + _CRC], hashlib.sha256).digest()
+        if not hmac.compare_digest(mac, data[body_end + _CRC :]):
+            raise AuthenticationError(f"HMAC of {article} {what} from sender {sender} does not verify with its key")
+    elif require_auth:
+        raise AuthenticationError(f"{what} from sender {sender} is not signed but authentication is required")
 
 
 # ---------------------------------------------------------------- decode
@@ -395,15 +413,7 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
     (crc,) = struct.unpack_from("<I", data, body_end)
     if zlib.crc32(data[:body_end]) != crc:
         raise CRCError(f"CRC32 mismatch in packet {index} of message {sequence} from sender {sender}")
-    if mac_len:
-        key = (keys or {}).get(sender)
-        if key is None:
-            raise AuthenticationError(f"packet from sender {sender} is signed but no key is known for it")
-        mac = hmac.new(key, data[: body_end + _CRC], hashlib.sha256).digest()
-        if not hmac.compare_digest(mac, data[body_end + _CRC :]):
-            raise AuthenticationError(f"HMAC of a packet from sender {sender} does not verify with its key")
-    elif require_auth:
-        raise AuthenticationError(f"packet from sender {sender} is not signed but authentication is required")
+    verify_signature(data, body_end, bool(mac_len), sender, keys, require_auth, "packet")
     if kind not in WIRE_KINDS:
         raise MalformedMessage(f"message kind {kind} is not a wire-format kind (expected one of "
                                f"{', '.join(f'{k.value} {k.name}' for k in WIRE_KINDS)})")
