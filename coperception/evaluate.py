@@ -57,6 +57,7 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     was_training = model.training
     model.eval()
     session: Any = None
+    exchanges_anchors = getattr(model, "anchor_fusion", None) is not None
     if model.agent is not None:
         # what senders compute beside their features: uncertainty (a fusion that weighs by it), their own
         # boxes (motion compensation); an exported model has neither
@@ -64,12 +65,12 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         boxes = partial(model.boxes, score_threshold=cfg.eval.score_threshold,
                         nms_threshold=cfg.eval.nms_threshold) if hasattr(model, "boxes") else None
         session = CommSession.for_config(model.agent, model.confidence, cfg, attack, uncertainty, boxes)
-    elif getattr(model, "anchor_fusion", None) is not None:
+    elif exchanges_anchors:
         if attack is not None:
             raise ConfigError("the ghost attack forges cell messages; anchor-centric cooperation sends anchors")
         session = anchor_session(model, cfg)
     # messages that go through the channel: ages and refusals are reported
-    sparse = (model.agent is not None and model.agent.codec.sparse) or getattr(model, "anchor_fusion", None) is not None
+    sparse = (model.agent is not None and model.agent.codec.sparse) or exchanges_anchors
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
     model_ms = []

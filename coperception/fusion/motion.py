@@ -55,6 +55,12 @@ class MotionTracker:
         self.time, self.centres, self.velocities, self.seen = time, centres, velocities, seen
         return velocities
 
+    def update_boxes(self, boxes: np.ndarray, T_world_from_frame: np.ndarray, time: float) -> np.ndarray:
+        """`update` with detections (K, >= 2) in a frame whose world pose is `T_world_from_frame`: their
+        (K, 2) world-frame velocities."""
+        centres = np.asarray(boxes)[:, :2] @ T_world_from_frame[:2, :2].T + T_world_from_frame[:2, 3]
+        return self.update(centres, time)
+
 
 def moving_objects(boxes_frame: np.ndarray, velocities_world: np.ndarray, T_world_from_frame: np.ndarray,
                    min_speed: float, max_objects: int = 255) -> np.ndarray:

@@ -198,10 +198,9 @@ class AnchorSession:
         """(K, 2) velocity of each of the sender's detections in its own frame, from its track of them over
         its frames (world positions from its odometry); slower than `min_speed_mps` counts as parked."""
         assert self.motion is not None
-        R = view.T_world_from_frame[:2, :2]
-        centres = detected.boxes[:, :2].cpu().double().numpy() @ R.T + view.T_world_from_frame[:2, 3]
         tracker = self.trackers.setdefault((scenario, view.sender), MotionTracker(self.motion))
-        velocity = tracker.update(centres, view.capture_time) @ R  # world -> the sender's frame
+        velocity = tracker.update_boxes(detected.boxes.cpu().double().numpy(), view.T_world_from_frame,
+                                        view.capture_time) @ view.T_world_from_frame[:2, :2]  # world -> sender frame
         velocity[np.linalg.norm(velocity, axis=1) < self.motion.min_speed_mps] = 0.0
         return velocity
 

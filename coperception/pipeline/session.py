@@ -257,9 +257,8 @@ class CommSession:
         the frame's noisy localisation cancels), tracked over its frames."""
         assert self.motion is not None
         T_world_from_frame = view.T_world_from_agent @ invert(own) @ pose
-        centres = boxes[:, :2] @ T_world_from_frame[:2, :2].T + T_world_from_frame[:2, 3]
         tracker = self.trackers.setdefault((scenario, view.sender), MotionTracker(self.motion))
-        velocities = tracker.update(centres, view.capture_time)
+        velocities = tracker.update_boxes(boxes, T_world_from_frame, view.capture_time)
         return moving_objects(boxes, velocities, T_world_from_frame, self.motion.min_speed_mps, self.motion.max_objects)
 
     def _select(self, conf: torch.Tensor, heard: Message | None, pose: np.ndarray) -> torch.Tensor:
