@@ -56,11 +56,37 @@ class DatasetConfig(Strict):
     # where tall trucks and buses near the ego would otherwise leave the GT)
     gt_z_margin: float = Field(0.0, ge=0)
     load_cameras: bool = False
+    # which sensors each agent kind carries (`vehicle`, `rsu`; `default` for kinds not listed): `lidar`,
+    # `camera` or both. An agent's data of a sensor it does not carry is dropped when its views are prepared
+    # (no points of a camera-only car reach any model, early fusion included); images are read when a kind
+    # carries a camera
+    sensors: dict[str, list[Literal["lidar", "camera"]]] = Field(default_factory=lambda: {"default": ["lidar"]})
     # DAIR-V2X-C: split name -> JSON file of vehicle frame ids (a list, as CoAlign/HEAL's train.json and
     # val.json, or the official split file with `cooperative_split`); default `<root>/split/<name>.json`
     split_files: dict[str, str] = Field(default_factory=dict)
 
     _range = field_validator("point_cloud_range", "eval_range")(_check_range)
+
+    @field_validator("sensors")
+    @classmethod
+    def _sensor_kinds(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(value) - set(AGENT_KIND_KEYS))
+        if unknown or "default" not in value:
+            raise ValueError(f"keys are agent kinds {list(AGENT_KIND_KEYS)} and must include 'default'"
+                             + (f"; unknown {unknown}" if unknown else ""))
+        empty = [k for k, v in value.items() if not v]
+        if empty:
+            raise ValueError(f"kind(s) {empty} carry no sensor; give each kind `lidar`, `camera` or both")
+        return value
+
+    def sensors_of(self, kind: str) -> list[str]:
+        """The sensors agents of `kind` (`vehicle`, `rsu`) carry."""
+        return self.sensors.get(kind, self.sensors["default"])
+
+    @property
+    def reads_images(self) -> bool:
+        """Whether readers load camera images (`load_cameras`, or some kind carries a camera)."""
+        return self.load_cameras or any("camera" in v for v in self.sensors.values())
 
     @model_validator(mode="before")
     @classmethod
@@ -127,13 +153,35 @@ class SimulatorConfig(Strict):
         return self
 
 
+class CameraModelSettings(Strict):
+    """The lift-splat camera encoder (`lss`, `models/camera.py`)."""
+
+    image_size: tuple[int, int] = (128, 96)  # width, height every image is resized to (intrinsics scaled alike)
+    # depth bins along each pixel's ray: `depth_bins` equal steps from depth_min to depth_max metres
+    depth_min: float = Field(2.0, gt=0)
+    depth_max: float = Field(58.0, gt=0)
+    depth_bins: int = Field(56, ge=2)
+    image_channels: int = Field(64, ge=8)  # width of the image backbone
+    stride: Literal[4, 8] = 8  # pixels per feature of the image backbone
+
+    @model_validator(mode="after")
+    def _depths(self) -> "CameraModelSettings":
+        if self.depth_max <= self.depth_min:
+            raise ValueError("depth_max must exceed depth_min")
+        if self.image_size[0] % self.stride or self.image_size[1] % self.stride:
+            raise ValueError(f"image_size {list(self.image_size)} must be a multiple of stride {self.stride}")
+        return self
+
+
 class ModelConfig(Strict):
     """PointPillars detector. Defaults are the small CPU preset for the synthetic world; the
     published OPV2V preset is voxel 0.4 m, 64 PFN channels, layers [3, 5, 5], filters [64, 128, 256]."""
 
     # the BEV encoder of each agent kind (`vehicle`, `rsu`; `default` for kinds not listed), by its
     # registered name; kinds naming the same encoder share one set of its weights
+    # `a+b` (e.g. `pointpillars+lss`): the kind runs both and fuses their BEV maps before communication
     encoders: dict[str, str] = Field(default_factory=lambda: {"default": "pointpillars"})
+    camera: CameraModelSettings = Field(default_factory=CameraModelSettings)
     voxel_size: tuple[float, float, float] = (0.8, 0.8, 4.0)
     max_points_per_voxel: int = Field(32, ge=1)
     # pillars kept per agent view in training; above it a random subset is kept (seeded per sample)

@@ -13,6 +13,16 @@ import numpy as np
 import torch
 
 
+def renumbered_slots(slots: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """(n,) new slot of each item whose view slot is `slots`, when only the views `views` (ascending) are
+    kept and renumbered 0..len(views)-1; -1 where its view is not kept (on the CPU)."""
+    views, slots = views.cpu(), slots.cpu()
+    size = max(int(slots.max()) + 1 if len(slots) else 0, int(views.max()) + 1 if len(views) else 0)
+    slot_map = torch.full((size,), -1, dtype=torch.long)  # old slot -> new slot
+    slot_map[views] = torch.arange(len(views))
+    return slot_map[slots]
+
+
 @dataclass
 class PillarBatch:
     """LiDAR input of every view: points grouped into pillars/voxels."""
@@ -26,16 +36,31 @@ class PillarBatch:
 
     def subset(self, views: torch.Tensor) -> "PillarBatch":
         """The pillars of the views `views` (ascending slots), renumbered 0..len(views)-1."""
-        views = views.cpu()
-        slots = self.coords[:, 0].cpu()
-        size = max(int(slots.max()) + 1 if len(slots) else 0, int(views.max()) + 1 if len(views) else 0)
-        slot_map = torch.full((size,), -1, dtype=torch.long)  # old slot -> new slot, -1: not kept
-        slot_map[views] = torch.arange(len(views))
-        new_slot = slot_map[slots].to(self.coords.device)
+        new_slot = renumbered_slots(self.coords[:, 0], views).to(self.coords.device)
         keep = new_slot >= 0
         coords = self.coords[keep].clone()
         coords[:, 0] = new_slot[keep]
         return PillarBatch(self.voxels[keep], self.num_points[keep], coords)
+
+
+@dataclass
+class CameraBatch:
+    """Camera input of every view: its images, each with its calibration in the view's frame."""
+
+    images: torch.Tensor  # (M, 3, H, W) uint8 RGB
+    intrinsics: torch.Tensor  # (M, 3, 3) pixel coordinates of the images as they are here
+    T_view_from_camera: torch.Tensor  # (M, 4, 4) OpenCV camera axes -> the frame the view is encoded in
+    view: torch.Tensor  # (M,) view slot in the batch each image belongs to
+
+    def to(self, device: torch.device | str) -> "CameraBatch":
+        return CameraBatch(self.images.to(device), self.intrinsics.to(device), self.T_view_from_camera.to(device),
+                           self.view.to(device))
+
+    def subset(self, views: torch.Tensor) -> "CameraBatch":
+        """The images of the views `views` (ascending slots), renumbered 0..len(views)-1."""
+        new_slot = renumbered_slots(self.view, views).to(self.view.device)
+        keep = new_slot >= 0
+        return CameraBatch(self.images[keep], self.intrinsics[keep], self.T_view_from_camera[keep], new_slot[keep])
 
 
 @dataclass
@@ -48,11 +73,13 @@ class AgentBatch:
     age: torch.Tensor  # (N_total,) seconds between the view's capture and the ego's
     kind: torch.Tensor  # (N_total,) 0 vehicle, 1 rsu
     lidar: PillarBatch | None = None
+    cameras: CameraBatch | None = None
 
     def to(self, device: torch.device | str) -> "AgentBatch":
         """The per-view tensors on `device` (record_len stays a list)."""
         return AgentBatch(self.record_len, self.T_ego_from_agent.to(device), self.age.to(device), self.kind.to(device),
-                          self.lidar.to(device) if self.lidar is not None else None)
+                          self.lidar.to(device) if self.lidar is not None else None,
+                          self.cameras.to(device) if self.cameras is not None else None)
 
     @property
     def n_agents(self) -> int:
@@ -74,7 +101,8 @@ class AgentBatch:
         """The views `views` (ascending rows) taken out of their samples, each as a sample of its own."""
         cpu = views.cpu()
         return AgentBatch([1] * len(cpu), self.T_ego_from_agent[views.to(self.T_ego_from_agent.device)],
-                          self.age[cpu], self.kind[cpu], self.lidar.subset(views) if self.lidar is not None else None)
+                          self.age[cpu], self.kind[cpu], self.lidar.subset(views) if self.lidar is not None else None,
+                          self.cameras.subset(views) if self.cameras is not None else None)
 
     def sample_of_view(self) -> torch.Tensor:
         """(N_total,) index of the sample each view belongs to."""

@@ -13,7 +13,9 @@ Which agents' points are encoded, and in which frame, depends on the cooperation
   at evaluation the comm session projects them into the ego pose the sender received from the ego's
   broadcast (`Projector`), or keeps the own-frame view when it has received none.
 Each agent's points are lifted to the ego's height datum (z + height of the agent above the
-ego) so a roadside LiDAR on a pole uses the same pillar z range as a car.
+ego) so a roadside LiDAR on a pole uses the same pillar z range as a car. An agent's cameras (where its
+kind carries one, `dataset.sensors`) follow every move of its points; an agent without a LiDAR sends
+an empty point cloud.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ import numpy as np
 import torch
 
 from coperception.config import DatasetConfig, ModelConfig
-from coperception.datasets.types import CooperativeSample
+from coperception.datasets.cameras import CameraViews
+from coperception.datasets.types import AgentObservation, CooperativeSample
+from coperception.errors import ConfigError
 from coperception.datasets.voxelize import Voxels, voxelize
 from coperception.geometry import transform_points
-from coperception.types import AgentBatch, AnchorTargets, PillarBatch, TargetBatch
+from coperception.types import AgentBatch, AnchorTargets, CameraBatch, PillarBatch, TargetBatch
 
 TargetFn = Callable[[np.ndarray], AnchorTargets]  # ground-truth boxes in the ego frame -> anchor targets
 
@@ -49,6 +53,8 @@ class AgentInput:
     T_world_from_agent: np.ndarray  # (4, 4) the agent's true world pose at capture (unaugmented)
     T_world_from_frame: np.ndarray  # (4, 4) world pose of the frame the view is encoded in (unaugmented)
     points: np.ndarray | None = None  # `senders_project`: the sender's raw points in its own frame
+    cameras: CameraViews | None = None  # where the agent's kind carries a camera: calibrated in the view's frame
+    own_cameras: CameraViews | None = None  # `senders_project`: the sender's cameras in its own frame
 
 
 @dataclass
@@ -86,25 +92,30 @@ def lift_to_ego_datum(points: np.ndarray, T_ego_from_agent: np.ndarray) -> tuple
 
 
 def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np.ndarray, rng: np.random.Generator
-                  ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+                  ) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray, list[np.ndarray]]:
     """Apply A = R(theta) * s * F (F an optional y mirror) to the whole scene in the ego frame, keeping
     every agent's transform rigid: points_k <- s F points_k, T_k <- R (F T_k F, translation * s); the
-    ego's rotation is folded into its own points so its transform stays the identity."""
+    ego's rotation is folded into its own points so its transform stays the identity. Also returns the
+    (4, 4) map each agent's own-frame points went through (its cameras follow it)."""
     theta = rng.uniform(-np.pi / 4, np.pi / 4)
     s = rng.uniform(0.95, 1.05)
     mirror = rng.random() < 0.5
     F = np.diag([1.0, -1.0 if mirror else 1.0, 1.0, 1.0])
     R = np.eye(4)
     R[:2, :2] = [[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]]
-    new_points, new_transforms = [], []
+    new_points, new_transforms, maps = [], [], []
+    sF = F.copy()
+    sF[:3, :3] *= s
     for k, (p, T) in enumerate(zip(points, transforms)):
         q = p.copy()
         q[:, :3] = (q[:, :3] @ F[:3, :3].T) * s
         T_f = F @ T @ F
         T_f[:3, 3] *= s
         T_new = R @ T_f
+        maps.append(sF)
         if k == 0:
             q = transform_points(T_new, q).astype(np.float32)
+            maps[0] = T_new @ sF
             T_new = np.eye(4)
         new_points.append(q)
         new_transforms.append(T_new)
@@ -114,7 +125,22 @@ def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np
     boxes[:, 3:6] = gt[:, 3:6] * s
     yaw = -gt[:, 6] if mirror else gt[:, 6]
     boxes[:, 6] = np.arctan2(np.sin(yaw + theta), np.cos(yaw + theta))
-    return new_points, new_transforms, boxes
+    return new_points, new_transforms, boxes, maps
+
+
+def sensed(agent: AgentObservation, dcfg: DatasetConfig, mcfg: ModelConfig) -> tuple[np.ndarray, CameraViews | None]:
+    """The agent's points (empty when its kind carries no LiDAR) and its cameras (None when it carries none)."""
+    sensors = dcfg.sensors_of(agent.kind)
+    points = agent.points if "lidar" in sensors else np.zeros((0, 4), dtype=np.float32)
+    cameras = CameraViews.from_cameras(agent.cameras, mcfg.camera.image_size, agent.agent_id) \
+        if "camera" in sensors else None
+    return points, cameras
+
+
+def z_shift(dz: float) -> np.ndarray:
+    T = np.eye(4)
+    T[2, 3] = dz
+    return T
 
 
 def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
@@ -135,12 +161,16 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
 
     ego_time = sample.ego.capture_time
     transforms = [sample.T_ego_from_agent(k) for k in range(len(sample.agents))]
-    points = [agent.points for agent in sample.agents]
+    points, cameras = map(list, zip(*(sensed(agent, dcfg, mcfg) for agent in sample.agents)))
     gt = sample.gt_boxes
     if rng is not None:
-        points, transforms, gt = augment_scene(points, transforms, gt, rng)
+        points, transforms, gt, maps = augment_scene(points, transforms, gt, rng)
+        cameras = [c.mapped(M) if c is not None else None for c, M in zip(cameras, maps)]
     views: list[AgentInput] = []
     sent_points = []
+    if mode == "merged" and any(c is not None for c in cameras):
+        raise ConfigError("early fusion merges the agents' point clouds into one; it cannot carry camera images "
+                          "(dataset.sensors gives an agent kind a camera)")
     if mode == "merged":
         sent_points = [(sender_id(a.agent_id), a.capture_time, T, p)
                        for a, T, p in zip(sample.agents[1:], transforms[1:], points[1:])]
@@ -152,16 +182,21 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             projected = transform_points(transforms[k], points[k]).astype(np.float32) if k else points[k]
             views.append(AgentInput(_voxelize(projected, dcfg, mcfg), np.eye(4), int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), sender_id(agent.agent_id), agent.capture_time,
-                                    agent.T_world_from_agent, sample.ego.T_world_from_agent))
+                                    agent.T_world_from_agent, sample.ego.T_world_from_agent,
+                                    cameras=cameras[k].moved(transforms[k]) if cameras[k] is not None else None))
     else:
         chosen = range(1) if mode == "ego" else range(len(sample.agents))
         for k in chosen:
             agent = sample.agents[k]
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
+            sends_raw = mode == "senders_project" and k > 0
+            cams = cameras[k]
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), sender_id(agent.agent_id), agent.capture_time,
                                     agent.T_world_from_agent, agent.T_world_from_agent,
-                                    points[k] if mode == "senders_project" and k > 0 else None))
+                                    points[k] if sends_raw else None,
+                                    cams.moved(z_shift(float(transforms[k][2, 3]))) if cams is not None else None,
+                                    cams if sends_raw else None))
     return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
 
 
@@ -184,10 +219,16 @@ class Projector:
 def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
     """One batch of the views of several samples (each sample's views in order, ego first)."""
     voxels, nums, coords, transforms, ages, kinds, record_len = [], [], [], [], [], [], []
+    images, intrinsics, extrinsics, image_view = [], [], [], []
     slot = 0
     for views in samples:
         record_len.append(len(views))
         for view in views:
+            if view.cameras is not None:
+                images.append(torch.from_numpy(view.cameras.images).permute(0, 3, 1, 2))
+                intrinsics.append(torch.from_numpy(view.cameras.intrinsics.astype(np.float32)))
+                extrinsics.append(torch.from_numpy(view.cameras.T_frame_from_camera.astype(np.float32)))
+                image_view.append(torch.full((len(view.cameras.images),), slot, dtype=torch.int64))
             v = view.voxels
             voxels.append(torch.from_numpy(v.voxels))
             nums.append(torch.from_numpy(v.num_points))
@@ -197,9 +238,11 @@ def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
             ages.append(view.age)
             kinds.append(view.kind)
             slot += 1
+    cameras = CameraBatch(torch.cat(images).contiguous(), torch.cat(intrinsics), torch.cat(extrinsics),
+                          torch.cat(image_view)) if images else None
     return AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
                       torch.tensor(kinds, dtype=torch.int64),
-                      lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)))
+                      lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)), cameras=cameras)
 
 
 def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:

@@ -235,12 +235,12 @@ class DairV2XDataset:
     def _camera(self, side: Path, frame_id: str, extrinsic_dir: str, image_path: Path) -> Camera | None:
         ext_path = side / "calib" / extrinsic_dir / f"{frame_id}.json"
         int_path = side / "calib" / "camera_intrinsic" / f"{frame_id}.json"
-        if not ext_path.is_file() and not self.cfg.load_cameras:
+        if not ext_path.is_file() and not self.cfg.reads_images:
             return None
         T_cam_lidar = _rigid(ext_path)
         K = np.array(validate(Intrinsics, read_json(int_path), int_path).cam_K, dtype=np.float64).reshape(3, 3)
         image = None
-        if self.cfg.load_cameras:
+        if self.cfg.reads_images:
             if not image_path.is_file():
                 raise DataFormatError(image_path, "camera image is missing")
             image = np.asarray(Image.open(image_path).convert("RGB"))

@@ -132,7 +132,7 @@ class OPV2VDataset:
             T_lidar_cam = carla_to_rh(invert(T_lidar_lh) @ carla_pose_to_matrix(cam.cords)) @ CV_TO_BODY
             path = folder / f"{frame_name}_camera{c}.png"
             image = None
-            if self.cfg.load_cameras:
+            if self.cfg.reads_images:
                 if not path.is_file():
                     raise DataFormatError(path, "camera image listed in the frame YAML is missing")
                 image = np.asarray(Image.open(path).convert("RGB"))

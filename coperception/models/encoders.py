@@ -2,7 +2,8 @@
 
 Every encoder is registered by name, says which `AgentBatch` inputs it reads (`inputs`), and
 returns `(n_views, out_channels, grid.height, grid.width)` features on its `grid`. Which encoder an
-agent kind uses is `model.encoders` in the config.
+agent kind uses is `model.encoders` in the config; `a+b` runs both and fuses their maps
+(`CombinedEncoder`: a LiDAR+camera agent fuses its two BEV maps before it communicates).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from coperception.errors import ConfigError
 from coperception.grid import BEVGrid
 from coperception.models.backbone import BEVBackbone
 from coperception.models.encoder_base import ENCODERS, KIND_NAMES, BEVEncoder, input_grid
+from coperception.models import camera  # noqa: F401  (registers `lss`)
 from coperception.models import second  # noqa: F401  (registers `second`; spconv is imported when one is built)
 from coperception.models.pillars import PillarFeatureNet, scatter_to_bev
 from coperception.types import AgentBatch
 
-__all__ = ["BEVEncoder", "ENCODERS", "KIND_NAMES", "EncoderSet", "PointPillarsEncoder"]
+__all__ = ["BEVEncoder", "ENCODERS", "KIND_NAMES", "CombinedEncoder", "EncoderSet", "PointPillarsEncoder",
+           "build_encoder", "encoder_parts"]
 
 
 @ENCODERS.register("pointpillars")
@@ -44,13 +47,49 @@ class PointPillarsEncoder(BEVEncoder):
         return self.on_grid(self.backbone(scatter_to_bev(pillars, lidar.coords, batch.n_agents, self.input_grid)))
 
 
+def encoder_parts(name: str) -> list[str]:
+    """The registered encoders a `model.encoders` value names (`pointpillars+lss` -> both)."""
+    return [part.strip() for part in name.split("+")]
+
+
+class CombinedEncoder(BEVEncoder):
+    """Several encoders of one agent (e.g. LiDAR and camera) on the same grid; their maps are concatenated
+    and mixed by a 1x1 convolution back to the shared channel count."""
+
+    def __init__(self, parts: list[BEVEncoder]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        first = parts[0]
+        for part in parts[1:]:
+            if part.grid != first.grid or part.out_channels != first.out_channels:
+                raise ConfigError(f"model.encoders: {type(part).__name__} and {type(first).__name__} do not share "
+                                  "grid and channels, so they cannot be combined")
+        self.inputs = tuple(dict.fromkeys(i for part in parts for i in part.inputs))  # type: ignore[misc]
+        self.grid, self.out_channels = first.grid, first.out_channels
+        self.mix = nn.Sequential(nn.Conv2d(len(parts) * first.out_channels, first.out_channels, 1, bias=False),
+                                 nn.BatchNorm2d(first.out_channels), nn.ReLU(inplace=True))
+
+    def forward(self, batch: AgentBatch) -> torch.Tensor:
+        self.check_inputs(batch)
+        return self.mix(torch.cat([part(batch) for part in self.parts], dim=1))
+
+
+def build_encoder(name: str, mcfg: ModelConfig, dcfg: DatasetConfig) -> BEVEncoder:
+    """The encoder a `model.encoders` value names: one registered encoder, or a combination `a+b`."""
+    parts = encoder_parts(name)
+    if len(parts) == 1:
+        return ENCODERS.get(parts[0])(mcfg, dcfg)
+    return CombinedEncoder([ENCODERS.get(part)(mcfg, dcfg) for part in parts])
+
+
 class EncoderSet(nn.Module):
     """The BEV encoder of every agent kind (`model.encoders`); kinds naming the same encoder share it."""
 
     def __init__(self, mcfg: ModelConfig, dcfg: DatasetConfig):
         super().__init__()
         self.by_kind = dict(mcfg.encoders)
-        self.nets = nn.ModuleDict({name: ENCODERS.get(name)(mcfg, dcfg) for name in dict.fromkeys(self.by_kind.values())})
+        # ModuleDict keys cannot hold '.', and '+' reads badly in weight names: `pointpillars+lss` -> `pointpillars_lss`
+        self.nets = nn.ModuleDict({key(name): build_encoder(name, mcfg, dcfg) for name in dict.fromkeys(self.by_kind.values())})
         first: BEVEncoder = next(iter(self.nets.values()))  # type: ignore[assignment]
         for name, net in self.nets.items():
             if net.grid != first.grid or net.out_channels != first.out_channels:
@@ -60,7 +99,7 @@ class EncoderSet(nn.Module):
 
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         """(N_total, C, H, W) features of every view, each by its agent kind's encoder."""
-        names = [self.by_kind.get(KIND_NAMES[int(k)], self.by_kind["default"]) for k in batch.kind.tolist()]
+        names = [key(self.by_kind.get(KIND_NAMES[int(k)], self.by_kind["default"])) for k in batch.kind.tolist()]
         if len(set(names)) == 1:
             return self.nets[names[0]](batch)
         out: torch.Tensor | None = None
@@ -73,3 +112,8 @@ class EncoderSet(nn.Module):
         assert out is not None
         return out
 
+
+
+def key(name: str) -> str:
+    """The `EncoderSet.nets` key of a `model.encoders` value."""
+    return "_".join(encoder_parts(name))

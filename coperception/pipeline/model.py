@@ -21,7 +21,7 @@ from coperception.errors import ConfigError
 from coperception.fusion.anchor_centric import AnchorFusion
 from coperception.fusion.base import FUSIONS, build_fusion, fusion_settings
 from coperception.models.anchors import make_anchors
-from coperception.models.encoders import ENCODERS, EncoderSet
+from coperception.models.encoders import ENCODERS, KIND_NAMES, EncoderSet, encoder_parts
 from coperception.models.heads import AnchorHead, HeadOutput
 from coperception.models.postprocess import decode_detections
 from coperception.models.targets import AnchorAssigner
@@ -132,7 +132,16 @@ def validate_config(cfg: ExperimentConfig) -> None:
     """Every registry name in `cfg` exists (the error lists the known ones) and the sections fit together."""
     strategy = STRATEGIES.get(cfg.cooperation.strategy)
     for name in cfg.model.encoders.values():
-        ENCODERS.get(name)
+        for part in encoder_parts(name):
+            ENCODERS.get(part)
+    for kind in KIND_NAMES:
+        name = cfg.model.encoders.get(kind, cfg.model.encoders["default"])
+        carried = cfg.dataset.sensors_of(kind)
+        for part in encoder_parts(name):
+            needed = [SENSOR_OF_INPUT[i] for i in ENCODERS.get(part).inputs]
+            if any(sensor not in carried for sensor in needed):
+                raise ConfigError(f"model.encoders gives {kind} agents {part!r}, which reads {needed}, but "
+                                  f"dataset.sensors gives them {carried}")
     if strategy.sends_features:
         CODECS.get(cfg.comm.codec)
         fusion_settings(cfg.fusion.method, cfg.fusion.options)
@@ -140,6 +149,15 @@ def validate_config(cfg: ExperimentConfig) -> None:
         if name not in BASELINE_STRATEGIES and name not in FUSIONS:
             raise ConfigError(f"demo.fusion_methods: {name!r} is neither `early` nor a fusion; known fusions: "
                               f"{', '.join(FUSIONS)}")
+
+
+SENSOR_OF_INPUT = {"lidar": "lidar", "cameras": "camera"}  # AgentBatch input -> the sensor (dataset.sensors) it comes from
+
+
+def uses_cameras(cfg: ExperimentConfig) -> bool:
+    """Whether some agent kind's encoder reads camera images."""
+    return any("cameras" in ENCODERS.get(part).inputs for name in cfg.model.encoders.values()
+               for part in encoder_parts(name))
 
 
 def method_label(cfg: ExperimentConfig) -> str:
@@ -161,7 +179,8 @@ PIPELINE_ONLY_KEYS = frozenset({"max_voxels", "max_voxels_test"})
 
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match between a checkpoint and the model that loads it."""
-    arch: dict[str, Any] = {"model": cfg.model.model_dump(mode="json", exclude=set(PIPELINE_ONLY_KEYS)),
+    unused = set(PIPELINE_ONLY_KEYS) | (set() if uses_cameras(cfg) else {"camera"})
+    arch: dict[str, Any] = {"model": cfg.model.model_dump(mode="json", exclude=unused),
                             "point_cloud_range": list(cfg.dataset.point_cloud_range), "fusion": None}
     if STRATEGIES.get(cfg.cooperation.strategy).sends_features:
         arch["fusion"] = {"method": cfg.fusion.method, "options": cfg.fusion.options}

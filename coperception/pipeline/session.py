@@ -245,9 +245,11 @@ class CommSession:
         if self.projector is None or heard is None or view.points is None:
             return view, own @ invert(view.T_world_from_agent) @ view.T_world_from_frame, False, own
         frame = heard.pose
-        voxels = self.projector(view.points, invert(frame) @ own, frame_key, view.sender)
+        T_frame_from_own = invert(frame) @ own
+        voxels = self.projector(view.points, T_frame_from_own, frame_key, view.sender)
+        cameras = view.own_cameras.moved(T_frame_from_own) if view.own_cameras is not None else None
         moved = replace(view, voxels=voxels, T_ego_from_frame=invert(T_world_from_ego) @ frame, T_world_from_frame=frame,
-                        points=None)
+                        points=None, cameras=cameras, own_cameras=None)
         return moved, frame, True, own
 
     def _moving(self, scenario: str, view: AgentInput, boxes: np.ndarray, pose: np.ndarray, own: np.ndarray

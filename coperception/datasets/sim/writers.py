@@ -29,6 +29,9 @@ DAIR_VIRTUAL_LIDAR_HEIGHT = 1.7
 OPV2V_CAMERA_MOUNTS = ((1.0, 0.0, 1.6, 0.0), (0.0, -0.9, 1.6, -np.pi / 2), (0.0, 0.9, 1.6, np.pi / 2),
                        (-1.8, 0.0, 1.6, np.pi))
 RSU_CAMERA_PITCH = np.radians(12.0)  # RSU cameras look down onto the junction
+# DAIR-V2X-C: the vehicle's one front camera, and the roadside unit's one camera under its LiDAR
+DAIR_VEHICLE_CAMERA_MOUNT = ((1.0, 0.0, 1.5, 0.0),)
+DAIR_RSU_CAMERA_MOUNT = ((0.0, 0.0, 0.0, 0.0),)
 
 
 def _png(rgb: np.ndarray) -> bytes:
@@ -213,7 +216,6 @@ def write_dair_scenario(scene: W.Scene, root: Path, cfg: SimulatorConfig, frames
     lag = rng.uniform(*cfg.dair_async_ms) / 1000.0  # the RSU captures this much earlier
     offset = rng.uniform(-0.8, 0.8, 2) if rng.random() < cfg.dair_offset_probability else None
     K = camera_intrinsics(cfg.camera)
-    vmount = ((1.0, 0.0, 1.5, 0.0),)
     batch_id = f"{counters.batch:04d}"
     base_time = DAIR_EPOCH + counters.batch * 1000.0
     coop, vinfo, iinfo = [], [], []
@@ -225,7 +227,7 @@ def write_dair_scenario(scene: W.Scene, root: Path, cfg: SimulatorConfig, frames
         counters.vehicle_frame += 1
         counters.infra_frame += 1
         # vehicle side
-        vrig = _rig(scene, ego, tv, cfg, vmount)
+        vrig = _rig(scene, ego, tv, cfg, DAIR_VEHICLE_CAMERA_MOUNT)
         vpts, vhits = _scan(scene, tv, vrig, cfg, rng)
         if truth is not None:
             truth.record(("vehicle", vid), vrig.T_world_lidar, vhits, tv)
@@ -254,7 +256,7 @@ def write_dair_scenario(scene: W.Scene, root: Path, cfg: SimulatorConfig, frames
         vlabels = [_dair_label(transform_boxes(in_v, b)[0], kinds[i], False) for i, b in enumerate(vboxes) if near_v[i]]
         write_json(root / f"vehicle-side/label/lidar/{vid}.json", vlabels)
         # infrastructure side, captured `lag` seconds earlier
-        irig = _rig(scene, rsu, ti, cfg, ((0.0, 0.0, 0.0, 0.0),))
+        irig = _rig(scene, rsu, ti, cfg, DAIR_RSU_CAMERA_MOUNT)
         ipts, ihits = _scan(scene, ti, irig, cfg, rng)
         # DAIR's 'virtual LiDAR' is a ground-parallel frame about 1.7 m above the road (the
         # released infrastructure labels sit near z = -0.9); express the scan there
