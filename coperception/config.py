@@ -163,6 +163,10 @@ class CameraModelSettings(Strict):
     depth_bins: int = Field(56, ge=2)
     image_channels: int = Field(64, ge=8)  # width of the image backbone
     stride: Literal[4, 8] = 8  # pixels per feature of the image backbone
+    # training only: weight of a cross-entropy between each feature pixel's depth distribution and the bin
+    # of the nearest LiDAR return of the agent's recorded scan that projects into it (0: no depth supervision;
+    # the points are read for the targets of training samples only, never as a camera agent's input)
+    depth_loss_weight: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _depths(self) -> "CameraModelSettings":
@@ -184,6 +188,9 @@ class ModelConfig(Strict):
     camera: CameraModelSettings = Field(default_factory=CameraModelSettings)
     voxel_size: tuple[float, float, float] = (0.8, 0.8, 4.0)
     max_points_per_voxel: int = Field(32, ge=1)
+    # who groups points into voxels: `numpy` (vectorized, always there) or `spconv` (its PointToVoxel; the
+    # `spconv` extra); both give the same voxels
+    voxelizer: Literal["numpy", "spconv"] = "numpy"
     # pillars kept per agent view in training; above it a random subset is kept (seeded per sample)
     max_voxels: int = Field(32000, ge=1)
     # the same cap at evaluation (None: max_voxels); OpenCOOD's OPV2V preset keeps 70000 there

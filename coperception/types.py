@@ -51,16 +51,18 @@ class CameraBatch:
     intrinsics: torch.Tensor  # (M, 3, 3) pixel coordinates of the images as they are here
     T_view_from_camera: torch.Tensor  # (M, 4, 4) OpenCV camera axes -> the frame the view is encoded in
     view: torch.Tensor  # (M,) view slot in the batch each image belongs to
+    depth_bins: torch.Tensor | None = None  # (M, h, w) training depth target per feature pixel, -1 where none
 
     def to(self, device: torch.device | str) -> "CameraBatch":
         return CameraBatch(self.images.to(device), self.intrinsics.to(device), self.T_view_from_camera.to(device),
-                           self.view.to(device))
+                           self.view.to(device), None if self.depth_bins is None else self.depth_bins.to(device))
 
     def subset(self, views: torch.Tensor) -> "CameraBatch":
         """The images of the views `views` (ascending slots), renumbered 0..len(views)-1."""
         new_slot = renumbered_slots(self.view, views).to(self.view.device)
         keep = new_slot >= 0
-        return CameraBatch(self.images[keep], self.intrinsics[keep], self.T_view_from_camera[keep], new_slot[keep])
+        return CameraBatch(self.images[keep], self.intrinsics[keep], self.T_view_from_camera[keep], new_slot[keep],
+                           None if self.depth_bins is None else self.depth_bins[keep.to(self.depth_bins.device)])
 
 
 @dataclass

@@ -207,3 +207,38 @@ def test_mixed_scene_trains_and_evaluates_through_the_channel(opv2v_set, tmp_pat
     entry = evaluate_method(model, sparse, "test", progress=False, limit=4)
     assert entry["frames"] == 4 and 0.0 <= entry["ap"]["0.5"] <= 1.0
     assert entry["bytes_per_agent_frame"] > 0  # the camera cars' and roadside units' messages went over the air
+
+
+def test_depth_targets_take_the_nearest_return_of_each_patch():
+    rng = np.random.default_rng(4)
+    K, T = _camera(rng)
+    views = CameraViews(np.zeros((1, 48, 64, 3), dtype=np.uint8), K[None], T[None])
+    depths = np.linspace(2.0, 30.0, 15)  # 2 m steps
+    # in camera coordinates: two returns in the patch of feature pixel (row 3, col 5), one behind the other,
+    # one in pixel (0, 0) beyond the last bin, one behind the camera
+    def at(col, row, z):
+        u, v = (col + 0.5) * 8, (row + 0.5) * 8
+        return np.array([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z])
+    cam = np.stack([at(5, 3, 10.2), at(5, 3, 17.0), at(0, 0, 45.0), -at(2, 2, 5.0)])
+    points = cam @ T[:3, :3].T + T[:3, 3]
+    bins = views.with_depth_targets(points, 8, depths).depth_bins
+    assert bins is not None and bins.shape == (1, 6, 8)
+    assert bins[0, 3, 5] == 4  # 10.2 m -> the 10 m bin
+    assert (bins >= 0).sum() == 1
+
+
+def test_depth_supervision_adds_a_training_term_that_reaches_the_depth_logits(opv2v_set):
+    cfg = _mixed(opv2v_set, "model.camera.depth_loss_weight=1.0", "cooperation.strategy=intermediate")
+    model = build_model(cfg).train()
+    sample = build_dataset(cfg.dataset, "test")[0]
+    training = prepare_sample(sample, "projected", cfg.dataset, cfg.model, model.targets, training=True)
+    batch, _, _ = collate([training])
+    assert batch.cameras is not None and batch.cameras.depth_bins is not None and (batch.cameras.depth_bins >= 0).any()
+    out = model(batch)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    out.aux_loss.backward()
+    lss = model.encoders.nets["lss"]
+    assert lss.depth_context.weight.grad is not None and lss.depth_context.weight.grad.abs().sum() > 0
+    assert model.encoders.take_training_loss() is None  # handed over once
+    evaluation = prepare_sample(sample, "all", cfg.dataset, cfg.model)  # no targets outside training
+    assert all(v.cameras is None or v.cameras.depth_bins is None for v in evaluation.agents)

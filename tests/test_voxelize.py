@@ -42,3 +42,19 @@ def test_above_the_cap_a_random_subset_is_kept_not_a_band():
         assert n == full[tuple(c)][1]
     other = voxelize(pts, [-40, -40, -3, 40, 40, 1], [1, 1, 4], 4, 1000, np.random.default_rng(2))
     assert not np.array_equal(other.coords, capped.coords)  # the draw follows the generator
+
+
+@pytest.mark.parametrize("max_voxels", [100000, 37])
+def test_spconv_point_to_voxel_gives_the_same_voxels(max_voxels):
+    pytest.importorskip("spconv.pytorch.utils")
+    from coperception.datasets.voxelize import voxelize_spconv
+
+    rng = np.random.default_rng(9)
+    pts = np.column_stack([rng.uniform(-12, 12, (3000, 2)), rng.uniform(-3.5, 1.5, 3000), rng.random(3000)])
+    pts = np.concatenate([pts, pts[:600] + 0.01]).astype(np.float32)  # crowded voxels
+    point_range, voxel = [-10, -8, -3, 10, 8, 1], [0.8, 0.8, 0.5]
+    ours = voxelize(pts, point_range, voxel, 4, max_voxels, np.random.default_rng(5))
+    theirs = voxelize_spconv(pts, point_range, voxel, 4, max_voxels, np.random.default_rng(5))
+    np.testing.assert_array_equal(theirs.coords, ours.coords)
+    np.testing.assert_array_equal(theirs.num_points, ours.num_points)
+    np.testing.assert_array_equal(theirs.voxels, ours.voxels)

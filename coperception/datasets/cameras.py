@@ -29,6 +29,7 @@ class CameraViews:
     images: np.ndarray
     intrinsics: np.ndarray
     T_frame_from_camera: np.ndarray
+    depth_bins: np.ndarray | None = None  # (M, h, w) training depth target per feature pixel, -1 where none
 
     @classmethod
     def from_cameras(cls, cameras: Sequence[Camera], size: tuple[int, int], agent_id: str) -> "CameraViews":
@@ -54,7 +55,7 @@ class CameraViews:
 
     def moved(self, T_new_from_frame: np.ndarray) -> "CameraViews":
         """The same cameras with the view's frame moved rigidly (images unchanged)."""
-        return CameraViews(self.images, self.intrinsics, T_new_from_frame @ self.T_frame_from_camera)
+        return CameraViews(self.images, self.intrinsics, T_new_from_frame @ self.T_frame_from_camera, self.depth_bins)
 
     def mapped(self, M: np.ndarray) -> "CameraViews":
         """The cameras of a scene whose points were mapped by the similarity `M` (4, 4): rotation times a
@@ -73,4 +74,25 @@ class CameraViews:
             K = K.copy()
             K[:, 0, 2] = images.shape[2] - K[:, 0, 2]
             K[:, 0, 1] = -K[:, 0, 1]
-        return CameraViews(images, K, T)
+        return CameraViews(images, K, T)  # depth targets are made after the augmentation
+
+    def with_depth_targets(self, points: np.ndarray, stride: int, depths: np.ndarray) -> "CameraViews":
+        """These cameras with a depth target per feature pixel (`stride` x `stride` image patch): the bin of
+        `depths` (equally spaced) nearest to the nearest of `points` (N, >=3, in the view's frame) that
+        projects into the patch; -1 where none does or the depth is outside the bins."""
+        M, H, W = self.images.shape[:3]
+        h, w = H // stride, W // stride
+        T = np.linalg.inv(self.T_frame_from_camera)  # (M, 4, 4) frame -> camera
+        cam = np.einsum("mij,nj->mni", T[:, :3, :3], points[:, :3]) + T[:, None, :3, 3]  # (M, N, 3)
+        z = cam[..., 2]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            uvw = np.einsum("mij,mnj->mni", self.intrinsics, cam)
+            u, v = uvw[..., 0] / uvw[..., 2], uvw[..., 1] / uvw[..., 2]
+        step = (depths[-1] - depths[0]) / (len(depths) - 1)
+        ok = (z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H) & (z >= depths[0] - step / 2) & (z < depths[-1] + step / 2)
+        m_idx = np.nonzero(ok)[0]
+        cell = m_idx * (h * w) + (v[ok] // stride).astype(np.int64) * w + (u[ok] // stride).astype(np.int64)
+        nearest = np.full(M * h * w, np.inf)
+        np.minimum.at(nearest, cell, z[ok])
+        bins = np.where(np.isfinite(nearest), np.rint((nearest - depths[0]) / step), -1).astype(np.int64)
+        return CameraViews(self.images, self.intrinsics, self.T_frame_from_camera, bins.reshape(M, h, w))

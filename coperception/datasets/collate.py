@@ -31,7 +31,7 @@ from coperception.config import DatasetConfig, ModelConfig
 from coperception.datasets.cameras import CameraViews
 from coperception.datasets.types import AgentObservation, CooperativeSample
 from coperception.errors import ConfigError
-from coperception.datasets.voxelize import Voxels, voxelize
+from coperception.datasets.voxelize import VOXELIZERS, Voxels
 from coperception.geometry import transform_points
 from coperception.types import AgentBatch, AnchorTargets, CameraBatch, PillarBatch, TargetBatch
 
@@ -137,6 +137,12 @@ def sensed(agent: AgentObservation, dcfg: DatasetConfig, mcfg: ModelConfig) -> t
     return points, cameras
 
 
+def depth_bin_centres(mcfg: ModelConfig) -> np.ndarray:
+    """The depths (metres along the optical axis) of the camera encoder's depth bins."""
+    s = mcfg.camera
+    return np.linspace(s.depth_min, s.depth_max, s.depth_bins)
+
+
 def z_shift(dz: float) -> np.ndarray:
     T = np.eye(4)
     T[2, 3] = dz
@@ -157,15 +163,20 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
     draw = pillar_rng if pillar_rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
 
     def _voxelize(points: np.ndarray, dcfg: DatasetConfig, mcfg: ModelConfig) -> Voxels:
-        return voxelize(points, dcfg.point_cloud_range, mcfg.voxel_size, mcfg.max_points_per_voxel, cap, draw)
+        return VOXELIZERS[mcfg.voxelizer](points, dcfg.point_cloud_range, mcfg.voxel_size, mcfg.max_points_per_voxel,
+                                          cap, draw)
 
     ego_time = sample.ego.capture_time
     transforms = [sample.T_ego_from_agent(k) for k in range(len(sample.agents))]
     points, cameras = map(list, zip(*(sensed(agent, dcfg, mcfg) for agent in sample.agents)))
     gt = sample.gt_boxes
+    maps = [np.eye(4)] * len(points)
     if rng is not None:
         points, transforms, gt, maps = augment_scene(points, transforms, gt, rng)
         cameras = [c.mapped(M) if c is not None else None for c, M in zip(cameras, maps)]
+    if training and mcfg.camera.depth_loss_weight > 0:
+        cameras = [c.with_depth_targets(transform_points(M, agent.points), mcfg.camera.stride, depth_bin_centres(mcfg))
+                   if c is not None else None for c, M, agent in zip(cameras, maps, sample.agents)]
     views: list[AgentInput] = []
     sent_points = []
     if mode == "merged" and any(c is not None for c in cameras):
@@ -212,14 +223,14 @@ class Projector:
     def __call__(self, points: np.ndarray, T_frame_from_agent: np.ndarray, frame_key: str, sender: int) -> Voxels:
         moved = transform_points(T_frame_from_agent, points).astype(np.float32)
         draw = np.random.default_rng([zlib.crc32(frame_key.encode()), sender & 0xFFFFFFFF])
-        return voxelize(moved, self.dataset.point_cloud_range, self.model.voxel_size, self.model.max_points_per_voxel,
-                        voxel_cap(self.model, False), draw)
+        return VOXELIZERS[self.model.voxelizer](moved, self.dataset.point_cloud_range, self.model.voxel_size,
+                                                self.model.max_points_per_voxel, voxel_cap(self.model, False), draw)
 
 
 def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
     """One batch of the views of several samples (each sample's views in order, ego first)."""
     voxels, nums, coords, transforms, ages, kinds, record_len = [], [], [], [], [], [], []
-    images, intrinsics, extrinsics, image_view = [], [], [], []
+    images, intrinsics, extrinsics, image_view, depth_bins = [], [], [], [], []
     slot = 0
     for views in samples:
         record_len.append(len(views))
@@ -229,6 +240,7 @@ def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
                 intrinsics.append(torch.from_numpy(view.cameras.intrinsics.astype(np.float32)))
                 extrinsics.append(torch.from_numpy(view.cameras.T_frame_from_camera.astype(np.float32)))
                 image_view.append(torch.full((len(view.cameras.images),), slot, dtype=torch.int64))
+                depth_bins.append(None if view.cameras.depth_bins is None else torch.from_numpy(view.cameras.depth_bins))
             v = view.voxels
             voxels.append(torch.from_numpy(v.voxels))
             nums.append(torch.from_numpy(v.num_points))
@@ -238,8 +250,11 @@ def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
             ages.append(view.age)
             kinds.append(view.kind)
             slot += 1
-    cameras = CameraBatch(torch.cat(images).contiguous(), torch.cat(intrinsics), torch.cat(extrinsics),
-                          torch.cat(image_view)) if images else None
+    cameras = None
+    if images:
+        targets = torch.cat(depth_bins) if all(d is not None for d in depth_bins) else None  # type: ignore[arg-type]
+        cameras = CameraBatch(torch.cat(images).contiguous(), torch.cat(intrinsics), torch.cat(extrinsics),
+                              torch.cat(image_view), targets)
     return AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
                       torch.tensor(kinds, dtype=torch.int64),
                       lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)), cameras=cameras)

@@ -63,6 +63,34 @@ def voxelize(points: np.ndarray, point_range: Sequence[float], voxel_size: Seque
     return Voxels(voxels, coords, taken.astype(np.int32))
 
 
+def voxelize_spconv(points: np.ndarray, point_range: Sequence[float], voxel_size: Sequence[float], max_points: int,
+                    max_voxels: int, rng: np.random.Generator | None = None) -> Voxels:
+    """`voxelize` through spconv's `PointToVoxel` (the `spconv` extra), same semantics: spconv groups the
+    points (first `max_points` of each voxel in input order) and orders voxels by first appearance; here
+    they are put in linear index order and the cap draws the same random subset as `voxelize`."""
+    try:
+        from spconv.pytorch.utils import PointToVoxel
+    except ImportError as exc:  # the extra is not installed
+        from coperception.errors import ConfigError
+        raise ConfigError("model.voxelizer: spconv needs the `spconv` extra (pip install -e '.[spconv]')") from exc
+    import torch
+
+    nx, ny, nz = grid_size(point_range, voxel_size)
+    generator = PointToVoxel(vsize_xyz=[float(s) for s in voxel_size], coors_range_xyz=[float(r) for r in point_range],
+                             num_point_features=points.shape[1], max_num_voxels=max(1, nx * ny * nz),
+                             max_num_points_per_voxel=max_points)
+    voxels, coords, nums = (t.numpy() for t in generator(torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))))
+    linear = (coords[:, 0].astype(np.int64) * ny + coords[:, 1]) * nx + coords[:, 2]
+    order = np.argsort(linear)
+    kept = _kept_voxels(len(order), max_voxels, rng)
+    if kept is not None:
+        order = order[kept]
+    return Voxels(voxels[order].copy(), coords[order].astype(np.int32), nums[order].astype(np.int32))
+
+
+VOXELIZERS = {"numpy": voxelize, "spconv": voxelize_spconv}
+
+
 def pillar_points(voxels: Voxels) -> np.ndarray:
     """(M, C) the points the voxels hold (padding left out)."""
     slots = np.arange(voxels.voxels.shape[1])[None, :] < voxels.num_points[:, None]

@@ -82,6 +82,14 @@ def splat(depth: torch.Tensor, context: torch.Tensor, points: torch.Tensor, view
     return canvas.view(n_views, grid.height, grid.width, C).permute(0, 3, 1, 2).contiguous()
 
 
+def depth_loss(logits: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the depth logits (M, D, h, w) against target bins (M, h, w), -1 ignored; zero
+    (with a gradient path) when no pixel has a target."""
+    if not bool((bins >= 0).any()):
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits, bins.to(logits.device), ignore_index=-1)
+
+
 @ENCODERS.register("lss")
 class LiftSplatEncoder(BEVEncoder):
     """Images -> categorical depth x context -> lifted along the rays -> summed into BEV -> 2D backbone."""
@@ -102,19 +110,29 @@ class LiftSplatEncoder(BEVEncoder):
         self.backbone = BEVBackbone(self.channels, mcfg.layers, mcfg.strides, mcfg.filters, mcfg.upsample_filters)
         self.out_channels = self.backbone.out_channels
         self.grid = BEVGrid.from_range(r, float(mcfg.voxel_size[0]) * self.backbone.stride)
+        self.depth_loss_weight = settings.depth_loss_weight
+        self._pending_loss: torch.Tensor | None = None
 
     def depth_and_context(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M, 3, H, W) uint8 -> depth probabilities (M, D, h, w) and context (M, C, h, w)."""
+        """(M, 3, H, W) uint8 -> depth logits (M, D, h, w) and context (M, C, h, w)."""
         x = (images.float() / 255.0 - IMAGE_MEAN) / IMAGE_STD
         out = self.depth_context(self.image_net(x))
         D = len(self.depths)
-        return out[:, :D].softmax(dim=1), out[:, D:]
+        return out[:, :D], out[:, D:]
+
+    def take_training_loss(self) -> torch.Tensor | None:
+        loss, self._pending_loss = self._pending_loss, None
+        return loss
 
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         self.check_inputs(batch)
         cams = batch.cameras
         assert cams is not None
-        depth, context = self.depth_and_context(cams.images)
+        logits, context = self.depth_and_context(cams.images)
+        if self.training and self.depth_loss_weight > 0 and cams.depth_bins is not None:
+            loss = self.depth_loss_weight * depth_loss(logits, cams.depth_bins)
+            self._pending_loss = loss if self._pending_loss is None else self._pending_loss + loss
+        depth = logits.softmax(dim=1)
         points = frustum_points(cams.intrinsics, cams.T_view_from_camera, self.depths, depth.shape[2], depth.shape[3],
                                 self.stride)
         bev = splat(depth, context, points, cams.view, batch.n_agents, self.input_grid, self.z_range)

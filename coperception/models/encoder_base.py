@@ -24,6 +24,11 @@ class BEVEncoder(nn.Module, abc.ABC):
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         """(batch.n_agents, out_channels, grid.height, grid.width), each view in its own frame."""
 
+    def take_training_loss(self) -> torch.Tensor | None:
+        """The encoder's own training term from its forward passes since the last call (e.g. depth
+        supervision), handed over once; None when it has none."""
+        return None
+
     def on_grid(self, feats: torch.Tensor) -> torch.Tensor:
         """`feats` brought to the encoder's grid (odd input sizes leave a backbone a cell off)."""
         if feats.shape[-2:] != (self.grid.height, self.grid.width):

@@ -8,6 +8,8 @@ agent kind uses is `model.encoders` in the config; `a+b` runs both and fuses the
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -73,6 +75,9 @@ class CombinedEncoder(BEVEncoder):
         self.check_inputs(batch)
         return self.mix(torch.cat([part(batch) for part in self.parts], dim=1))
 
+    def take_training_loss(self) -> torch.Tensor | None:
+        return summed(part.take_training_loss() for part in self.parts)
+
 
 def build_encoder(name: str, mcfg: ModelConfig, dcfg: DatasetConfig) -> BEVEncoder:
     """The encoder a `model.encoders` value names: one registered encoder, or a combination `a+b`."""
@@ -111,6 +116,15 @@ class EncoderSet(nn.Module):
             out[views.to(feats.device)] = feats
         assert out is not None
         return out
+
+    def take_training_loss(self) -> torch.Tensor | None:
+        """The encoders' own training terms (e.g. camera depth supervision) since the last call, summed."""
+        return summed(net.take_training_loss() for net in self.nets.values())
+
+
+def summed(losses: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    present = [loss for loss in losses if loss is not None]
+    return sum(present[1:], present[0]) if present else None
 
 
 

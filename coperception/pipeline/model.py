@@ -114,8 +114,13 @@ class CooperativeModel(nn.Module):
         return feats[n_idx, :, y_idx, x_idx]
 
     def forward(self, batch: AgentBatch) -> TrainOutput:
-        """Training forward of the configured cooperation strategy."""
-        return self.strategy.forward(self, batch)
+        """Training forward of the configured cooperation strategy, plus the encoders' own training terms."""
+        self.encoders.take_training_loss()  # what passes outside a training step left (codebook fitting) is not this step's
+        out = self.strategy.forward(self, batch)
+        encoder_loss = self.encoders.take_training_loss()
+        if encoder_loss is not None:
+            out.aux_loss = encoder_loss if out.aux_loss is None else out.aux_loss + encoder_loss
+        return out
 
     def trainable_when_frozen(self) -> tuple[str, nn.Module]:
         """With `train.freeze_detector`: the prefix of the weights that still train and their module (the
@@ -174,12 +179,14 @@ def method_label(cfg: ExperimentConfig) -> str:
 # the anchor settings that shape weights (the others only say how they are used)
 ANCHOR_WEIGHT_KEYS = ("feature_dim", "stages", "codes", "layers", "hidden", "heads")
 # model-section keys that say how many pillars the data pipeline keeps, not which weights there are
-PIPELINE_ONLY_KEYS = frozenset({"max_voxels", "max_voxels_test"})
+PIPELINE_ONLY_KEYS = frozenset({"max_voxels", "max_voxels_test", "voxelizer"})
+CAMERA_TRAINING_KEYS = frozenset({"depth_loss_weight"})  # model.camera keys that shape no weight
 
 
 def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
     """What must match between a checkpoint and the model that loads it."""
-    unused = set(PIPELINE_ONLY_KEYS) | (set() if uses_cameras(cfg) else {"camera"})
+    unused: dict[str, Any] = {key: True for key in PIPELINE_ONLY_KEYS}
+    unused["camera"] = {key: True for key in CAMERA_TRAINING_KEYS} if uses_cameras(cfg) else True
     arch: dict[str, Any] = {"model": cfg.model.model_dump(mode="json", exclude=unused),
                             "point_cloud_range": list(cfg.dataset.point_cloud_range), "fusion": None}
     if STRATEGIES.get(cfg.cooperation.strategy).sends_features:
@@ -199,6 +206,8 @@ def saved_architecture(arch: dict[str, Any]) -> dict[str, Any]:
     arch = dict(arch)
     if isinstance(arch.get("model"), dict):
         arch["model"] = {k: v for k, v in arch["model"].items() if k not in PIPELINE_ONLY_KEYS}
+        if isinstance(arch["model"].get("camera"), dict):
+            arch["model"]["camera"] = {k: v for k, v in arch["model"]["camera"].items() if k not in CAMERA_TRAINING_KEYS}
     return arch
 
 
