@@ -16,7 +16,6 @@ from torch import nn
 
 from coperception.config import DatasetConfig, ModelConfig
 from coperception.grid import BEVGrid
-from coperception.models.backbone import BEVBackbone
 from coperception.models.encoder_base import ENCODERS, BEVEncoder, input_grid
 from coperception.types import AgentBatch
 
@@ -107,9 +106,7 @@ class LiftSplatEncoder(BEVEncoder):
         self.image_net = ImageBackbone(settings.image_channels, settings.stride)
         self.channels = mcfg.pfn_channels  # what the BEV backbone takes, as from the pillar net
         self.depth_context = nn.Conv2d(settings.image_channels, settings.depth_bins + self.channels, 1)
-        self.backbone = BEVBackbone(self.channels, mcfg.layers, mcfg.strides, mcfg.filters, mcfg.upsample_filters)
-        self.out_channels = self.backbone.out_channels
-        self.grid = BEVGrid.from_range(r, float(mcfg.voxel_size[0]) * self.backbone.stride)
+        self.add_backbone(self.channels, mcfg, r)
         self.depth_loss_weight = settings.depth_loss_weight
         self._pending_loss: torch.Tensor | None = None
 

@@ -11,6 +11,7 @@ from torch import nn
 from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
 from coperception.grid import BEVGrid
+from coperception.models.backbone import BEVBackbone
 from coperception.registry import Registry
 from coperception.types import AgentBatch
 
@@ -23,6 +24,12 @@ class BEVEncoder(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         """(batch.n_agents, out_channels, grid.height, grid.width), each view in its own frame."""
+
+    def add_backbone(self, in_channels: int, mcfg: ModelConfig, point_range: list[float]) -> None:
+        """The 2D BEV backbone an encoder ends with (`self.backbone`), and the grid and width of what it returns."""
+        self.backbone = BEVBackbone(in_channels, mcfg.layers, mcfg.strides, mcfg.filters, mcfg.upsample_filters)
+        self.out_channels = self.backbone.out_channels
+        self.grid = BEVGrid.from_range(point_range, float(mcfg.voxel_size[0]) * self.backbone.stride)
 
     def take_training_loss(self) -> torch.Tensor | None:
         """The encoder's own training term from its forward passes since the last call (e.g. depth

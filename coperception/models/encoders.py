@@ -15,8 +15,6 @@ from torch import nn
 
 from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
-from coperception.grid import BEVGrid
-from coperception.models.backbone import BEVBackbone
 from coperception.models.encoder_base import ENCODERS, KIND_NAMES, BEVEncoder, input_grid
 from coperception.models import camera  # noqa: F401  (registers `lss`)
 from coperception.models import second  # noqa: F401  (registers `second`; spconv is imported when one is built)
@@ -37,9 +35,7 @@ class PointPillarsEncoder(BEVEncoder):
         super().__init__()
         r, self.input_grid = input_grid(mcfg, dcfg)
         self.pfn = PillarFeatureNet(mcfg.pfn_channels, self.input_grid, (r[2], r[5]))
-        self.backbone = BEVBackbone(mcfg.pfn_channels, mcfg.layers, mcfg.strides, mcfg.filters, mcfg.upsample_filters)
-        self.out_channels = self.backbone.out_channels
-        self.grid = BEVGrid.from_range(r, float(mcfg.voxel_size[0]) * self.backbone.stride)
+        self.add_backbone(mcfg.pfn_channels, mcfg, r)
 
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         self.check_inputs(batch)

@@ -20,8 +20,6 @@ from torch import nn
 
 from coperception.config import DatasetConfig, ModelConfig
 from coperception.errors import ConfigError
-from coperception.grid import BEVGrid
-from coperception.models.backbone import BEVBackbone
 from coperception.models.encoder_base import ENCODERS, BEVEncoder, input_grid
 from coperception.types import AgentBatch
 
@@ -120,10 +118,7 @@ class SecondEncoder(BEVEncoder):
         self.voxel_features = nn.Sequential(nn.Linear(4, mcfg.pfn_channels, bias=False),
                                             nn.BatchNorm1d(mcfg.pfn_channels, eps=1e-3, momentum=0.01), nn.ReLU())
         self.middle = SparseMiddle(mcfg.pfn_channels, (depth, self.input_grid.height, self.input_grid.width))
-        self.backbone = BEVBackbone(self.middle.out_channels, mcfg.layers, mcfg.strides, mcfg.filters,
-                                    mcfg.upsample_filters)
-        self.out_channels = self.backbone.out_channels
-        self.grid = BEVGrid.from_range(r, float(mcfg.voxel_size[0]) * self.backbone.stride)
+        self.add_backbone(self.middle.out_channels, mcfg, r)
 
     def forward(self, batch: AgentBatch) -> torch.Tensor:
         self.check_inputs(batch)
