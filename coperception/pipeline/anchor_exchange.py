@@ -4,35 +4,28 @@ the received anchors (`fusion/anchor_centric.py`).
 
 Every agent encodes its own view in its own frame, so the ego broadcasts nothing: a message states the
 pose of its sender as its (noisy) localisation gives it, and the ego moves the boxes into its frame with
-it. At evaluation the `AnchorSession` runs over a split's frames in order like the cell session: each
-sender's message goes over its link, and the ego holds per sender the newest message that has arrived
-by its capture time plus the fusion deadline. Bytes are the lengths of the packets that arrived.
-With `fusion.motion.enabled` each sender tracks its own detections over its frames (`MotionTracker`,
-its odometry) and sends every anchor's velocity (2 bytes); the ego moves each received box forward by
-the message's age.
+it. At evaluation the `AnchorSession` sends and receives them over the channel as every box message does
+(`box_link.py`: newest arrived message per sender, optional velocities and motion compensation).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from coperception.comm.anchor_wire import AnchorMessage, decode_anchor_message, encode_anchor_message
-from coperception.comm.channel import Channel, Transmission
-from coperception.comm.keys import load_keys
-from coperception.comm.kinds import MalformedMessage
-from coperception.config import ExperimentConfig, MotionSettings
-from coperception.datasets.collate import AgentInput, PreparedSample
+from coperception.comm.anchor_wire import AnchorMessage, decode_anchor_message
+from coperception.config import ExperimentConfig
+from coperception.datasets.collate import PreparedSample
 from coperception.fusion.anchor_centric import MAX_LOGIT, AnchorFusion, ReceivedAnchors, Refined, transform_boxes_torch
-from coperception.fusion.motion import MotionTracker
-from coperception.geometry import invert, rotated_iou_bev, transform_boxes, wrap_angle
+from coperception.geometry import rotated_iou_bev, wrap_angle
 from coperception.models.heads import HeadOutput
 from coperception.models.postprocess import Detections, decode_detections, rotated_nms, top_anchors
-from coperception.pipeline.session import FrameComm, check_fresh, newest_to_fuse
+from coperception.pipeline.box_link import BoxLink
+from coperception.pipeline.session import FrameComm
 from coperception.pipeline.strategies import STRATEGIES, CooperativeParts, Strategy, StrategyOutput, TrainOutput
 from coperception.types import AgentBatch, AnchorSet
 
@@ -173,118 +166,65 @@ class AnchorCentric(Strategy):
         return StrategyOutput(detections, sizes, None, ages, dict(rejected))
 
 
-@dataclass
-class AnchorSession:
+@dataclass(kw_only=True)
+class AnchorSession(BoxLink):
     """Anchor messages of a split's frames, in order, through the wire format and the channel."""
 
     fusion: AnchorFusion
     anchors: torch.Tensor  # the detector's anchors (A, 7)
     anchors_per_cell: int
-    cfg: ExperimentConfig
-    queues: dict[tuple[str, int], list[Transmission]] = field(default_factory=dict)
-    held: dict[tuple[str, int], tuple[Transmission, AnchorMessage]] = field(default_factory=dict)
-    last_sequence: dict[tuple[str, int], int] = field(default_factory=dict)
-    sequence: int = 0
-    trackers: dict[tuple[str, int], MotionTracker] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        comm = self.cfg.comm
-        self.motion: MotionSettings | None = self.cfg.fusion.motion if self.cfg.fusion.motion.enabled else None
-        self.channel = Channel(comm.channel, np.random.default_rng(comm.channel.seed))
-        self.keys = load_keys(comm.key_file) if comm.key_file else None
+        super().__post_init__()
         self.digest = self.fusion.digest()
 
-    def _velocities(self, scenario: str, view: AgentInput, detected: AnchorSet) -> np.ndarray:
-        """(K, 2) velocity of each of the sender's detections in its own frame, from its track of them over
-        its frames (world positions from its odometry); slower than `min_speed_mps` counts as parked."""
-        assert self.motion is not None
-        tracker = self.trackers.setdefault((scenario, view.sender), MotionTracker(self.motion))
-        velocity = tracker.update_boxes(detected.boxes.cpu().double().numpy(), view.T_world_from_frame,
-                                        view.capture_time) @ view.T_world_from_frame[:2, :2]  # world -> sender frame
-        velocity[np.linalg.norm(velocity, axis=1) < self.motion.min_speed_mps] = 0.0
-        return velocity
-
-    def _message(self, view: AgentInput, own: AnchorSet, feats: torch.Tensor, velocity: np.ndarray | None
-                 ) -> AnchorMessage:
-        """A sender's message: its anchors `own` of its features `feats` (C, H, W), in its own frame, with the
-        pose its localisation gives it (and their velocities with motion compensation)."""
-        _, codes, _ = self.fusion.code(feats.flatten(1)[:, own.cells].T)
-        pose = self.channel.noisy_pose(view.T_world_from_agent) @ invert(view.T_world_from_agent) @ view.T_world_from_frame
-        self.sequence += 1
-        return AnchorMessage(view.sender, self.sequence, view.capture_time, pose, own.boxes.cpu().double().numpy(),
-                             torch.sigmoid(own.logits).cpu().double().numpy(), codes.cpu().numpy(), self.fusion.bits,
-                             self.digest, velocity)
-
-    def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float) -> AnchorMessage:
-        held = self.held.get(where)
-        if held is not None and held[0] is tx:
-            return held[1]
+    def _decode(self, packet: bytes) -> AnchorMessage:
         s = self.fusion.settings
-        msg = decode_anchor_message(tx.deliveries[0].packet, self.keys, self.keys is not None, self.digest, s.stages,
-                                    self.fusion.bits)
-        if self.keys is not None:
-            check_fresh(self.last_sequence, where, msg.sender, msg.sequence, msg.capture_time, ego_time, self.cfg.comm)
-        self.held[where] = (tx, msg)
-        return msg
+        return decode_anchor_message(packet, self.keys, self.keys is not None, self.digest, s.stages, self.fusion.bits)
 
     @torch.no_grad()
     def deliver(self, sample: PreparedSample, feats: torch.Tensor, head: HeadOutput
                 ) -> tuple[AnchorSet, ReceivedAnchors, FrameComm]:
         """One frame: `feats` (n, C, H, W) and `head` of its views (ego first, each in its own frame) ->
         the ego's candidates, the anchors it holds from its senders (ego frame) and what it cost."""
-        s, cfg = self.fusion.settings, self.cfg
+        s = self.fusion.settings
         nms = self.fusion.nms_threshold
         scenario = sample.frame_key.split("/")[0]
         views = sample.agents
-        ego_time = views[0].capture_time
-        T_ego_from_world = invert(views[0].T_world_from_agent)
         own = top_anchors(head, 0, self.anchors, self.anchors_per_cell, s.candidate_score, nms, s.ego_candidates)
         delivered: dict[int, int] = {}
         for k, view in enumerate(views[1:], start=1):
             # every detection is tracked (a track survives an object's leaving the top anchors); the top are sent
             detected = top_anchors(head, k, self.anchors, self.anchors_per_cell, s.min_score, nms,
                                    s.max_anchors if self.motion is None else len(self.anchors))
-            sent = AnchorSet(detected.boxes[:s.max_anchors], detected.logits[:s.max_anchors],
-                             detected.cells[:s.max_anchors])
-            velocity = self._velocities(scenario, view, detected)[:s.max_anchors] if self.motion is not None else None
-            packet = encode_anchor_message(self._message(view, sent, feats[k], velocity), cfg.comm.channel.mtu,
-                                           self.keys.get(view.sender) if self.keys is not None else None)
-            tx = self.channel.transmit((scenario, view.sender), [packet], view.capture_time)
-            self.queues.setdefault((scenario, view.sender), []).append(tx)
-            delivered[view.sender] = tx.delivered_bytes
+            velocity = None
+            if self.motion is not None:
+                velocity = self.velocities(scenario, view, detected.boxes.cpu().double().numpy())[:s.max_anchors]
+            sent = slice(0, s.max_anchors)
+            _, codes, _ = self.fusion.code(feats[k].flatten(1)[:, detected.cells[sent]].T)
+            msg = self.message(view, detected.boxes[sent].cpu().double().numpy(),
+                               torch.sigmoid(detected.logits[sent]).cpu().double().numpy(), codes.cpu().numpy(),
+                               self.fusion.bits, self.digest, velocity)
+            delivered[view.sender] = self.send(scenario, view, msg)
         parts, ages = [], {}
         rejected: Counter[str] = Counter()
         device = feats.device
-        for view in views[1:]:
-            where = (scenario, view.sender)
-            tx = newest_to_fuse(self.queues, where, ego_time, cfg.comm.channel)
-            if tx is None:
-                continue
-            try:
-                msg = self._receive(tx, where, ego_time)
-            except MalformedMessage as exc:
-                rejected[type(exc).__name__] += 1
-                self.queues[where].remove(tx)
-                continue
-            n = len(msg.boxes)
-            age = ego_time - msg.capture_time
-            ages[view.sender] = age
+        for arrival in self.arrivals(scenario, views, self._decode, rejected):
+            msg, n = arrival.message, len(arrival.boxes)
+            ages[arrival.view.sender] = arrival.age
             if n == 0:
                 continue
-            T = T_ego_from_world @ msg.pose
-            boxes = transform_boxes(T, msg.boxes)
-            if msg.velocity is not None:  # moved forward by the message's age
-                boxes[:, :2] += msg.velocity @ T[:2, :2].T * age
             parts.append(ReceivedAnchors(
-                torch.from_numpy(boxes).to(device, torch.float32),
+                torch.from_numpy(arrival.boxes).to(device, torch.float32),
                 score_logits(torch.from_numpy(msg.scores).to(device, torch.float32)),
                 self.fusion.decode(torch.from_numpy(msg.codes).to(device)),
-                torch.full((n,), age, device=device), torch.full((n,), view.kind, dtype=torch.int64, device=device)))
+                torch.full((n,), arrival.age, device=device),
+                torch.full((n,), arrival.view.kind, dtype=torch.int64, device=device)))
         received = ReceivedAnchors.cat(parts, s.feature_dim, device)
         return own, received, FrameComm(delivered, 0, ages, dict(rejected))
 
 
 def anchor_session(model: CooperativeParts, cfg: ExperimentConfig) -> AnchorSession:
     assert model.anchor_fusion is not None
-    return AnchorSession(model.anchor_fusion, model.anchors, model.head.r, cfg)
+    return AnchorSession(cfg=cfg, fusion=model.anchor_fusion, anchors=model.anchors, anchors_per_cell=model.head.r)
 
