@@ -32,7 +32,7 @@ from coperception.datasets.cameras import CameraViews
 from coperception.datasets.types import AgentObservation, CooperativeSample
 from coperception.errors import ConfigError
 from coperception.datasets.voxelize import VOXELIZERS, Voxels
-from coperception.geometry import transform_points
+from coperception.geometry import invert, transform_points
 from coperception.types import AgentBatch, AnchorTargets, CameraBatch, PillarBatch, TargetBatch
 
 TargetFn = Callable[[np.ndarray], AnchorTargets]  # ground-truth boxes in the ego frame -> anchor targets
@@ -202,11 +202,13 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
             sends_raw = mode == "senders_project" and k > 0
             cams = cameras[k]
+            lift = z_shift(float(transforms[k][2, 3]))
+            # the lifted points' frame: the agent's, shifted down by the lift (its boxes' z are then right)
             views.append(AgentInput(_voxelize(lifted, dcfg, mcfg), T, int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), sender_id(agent.agent_id), agent.capture_time,
-                                    agent.T_world_from_agent, agent.T_world_from_agent,
+                                    agent.T_world_from_agent, agent.T_world_from_agent @ invert(lift),
                                     points[k] if sends_raw else None,
-                                    cams.moved(z_shift(float(transforms[k][2, 3]))) if cams is not None else None,
+                                    cams.moved(lift) if cams is not None else None,
                                     cams if sends_raw else None))
     return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
 

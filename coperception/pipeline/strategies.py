@@ -13,20 +13,20 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-import numpy as np
 import torch
 
-from coperception.comm.payload import serialize_boxes, serialize_points
+from coperception.comm.payload import serialize_points
 from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
-from coperception.geometry import transform_boxes
 from coperception.grid import BEVGrid
 from coperception.models.heads import AnchorHead, HeadOutput
 from coperception.models.uncertainty import UncertaintyHead, as_sent
-from coperception.models.postprocess import Detections, decode_detections, rotated_nms
+from coperception.models.postprocess import Detections, decode_detections
 from coperception.pipeline.agent import AgentSide, drop_messages
 from coperception.pipeline.ego import Delivery
 from coperception.registry import Registry
 from coperception.types import AgentBatch
+
+from coperception.pipeline.late_exchange import LateSession
 
 if TYPE_CHECKING:
     from coperception.fusion.anchor_centric import AnchorFusion
@@ -93,6 +93,7 @@ class Strategy:
     infer_mode: ClassVar[InputMode]
     sends_features: ClassVar[bool] = False  # intermediate: has an agent side and an ego side
     exchanges_anchors: ClassVar[bool] = False  # anchor-centric: senders send anchors, the ego refines them
+    sends_boxes: ClassVar[bool] = False  # late: senders send their detections through the channel
 
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return self.train_mode if training else self.infer_mode
@@ -134,28 +135,27 @@ class EarlyFusion(Strategy):
 
 @STRATEGIES.register("late")
 class LateFusion(Strategy):
-    """Trains as `none`; at inference every agent's boxes, sent in its own frame with its pose."""
+    """Trains as `none`; at inference every sender's detections go through the channel (a `LateSession`:
+    boxes in its own frame with the pose its localisation gives it) and the ego merges them with its own."""
 
     name, train_mode, infer_mode = "late", "ego", "all"
+    sends_boxes = True
 
     def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
-               nms_threshold: float, session: "CommSession | AnchorSession | None" = None) -> StrategyOutput:
+               nms_threshold: float, session: "CommSession | AnchorSession | LateSession | None" = None
+               ) -> StrategyOutput:
+        if not isinstance(session, LateSession):
+            raise ValueError("late fusion delivers its boxes through a LateSession")
         per_view = decode_detections(model.head(model.encode(batch)), model.anchors, score_threshold, nms_threshold)
-        detections, sizes = [], []
-        starts = np.cumsum([0] + batch.record_len[:-1])
-        for p, start in zip(prepared, starts):
-            boxes, scores, sent = [], [], []
-            for k, view in enumerate(p.agents):
-                d = per_view[start + k]
-                boxes.append(transform_boxes(view.T_ego_from_frame, d.boxes) if len(d.boxes) else d.boxes.reshape(0, 7))
-                scores.append(d.scores)
-                if k > 0:
-                    sent.append(len(serialize_boxes(d.boxes, d.scores, view.sender, view.capture_time, view.T_ego_from_frame)))
-            all_boxes, all_scores = np.concatenate(boxes), np.concatenate(scores)
-            keep = rotated_nms(all_boxes, all_scores, nms_threshold)
-            detections.append(Detections(all_boxes[keep], all_scores[keep], np.zeros(len(keep), dtype=np.int64)))
-            sizes.append(sent)
-        return StrategyOutput(detections, sizes)
+        detections, sizes, ages = [], [], []
+        rejected: Counter[str] = Counter()
+        for p, start, n in zip(prepared, batch.ego_index.tolist(), batch.record_len):
+            merged, stats = session.deliver_boxes(p, per_view[start:start + n], nms_threshold)
+            detections.append(merged)
+            sizes.append(list(stats.delivered_bytes.values()))
+            ages.append(list(stats.fused_ages.values()))
+            rejected.update(stats.rejected)
+        return StrategyOutput(detections, sizes, None, ages, dict(rejected))
 
 
 @STRATEGIES.register("intermediate")
