@@ -334,19 +334,25 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
                  fusions: Sequence[str], epochs: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Every fusion in `fusions` fine-tuned from the demo's max checkpoint with `cfg.train`'s recipe on
     `cfg`'s codebook messages (existing runs under `out/fusion/train` are reused), each evaluated without
-    and with motion compensation under every condition of `FUSION_CONDITIONS`; ego-only, late and early
-    fusion beside them (their boxes and points do not go through the channel model: clean only)."""
+    and with motion compensation under every condition of `FUSION_CONDITIONS`; late fusion of the ego-only
+    model's boxes (through the channel) the same way; ego-only and early fusion beside them (early fusion's
+    points do not go through the channel model: clean only)."""
     split = cfg.dataset.eval_split
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     cache: dict = {}
     train_dir = out / "fusion" / "train"
     methods: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
     if ego_checkpoint is not None:
-        for name in ("none", "late"):
-            methods[name] = _eval(ego_checkpoint, variant(cfg, name), split, data, log, name)
+        methods["none"] = _eval(ego_checkpoint, variant(cfg, "none"), split, data, log, "none")
+        for motion in (False, True):
+            label = "late" + (" + motion" if motion else "")
+            entries = under_conditions(ego_checkpoint, with_motion(variant(cfg, "late"), cfg, motion), label, split,
+                                       data, log)
+            rows[label] = {"checkpoint": str(ego_checkpoint), "conditions": entries}
+            methods.setdefault(label, entries["clean"])
     if "early" in checkpoints:
         methods["early"] = _eval(checkpoints["early"], variant(cfg, "early"), split, data, log, "early")
-    rows: dict[str, dict[str, Any]] = {}
     for fusion in fusions:
         if fusion == ANCHOR_ROW:
             for label, entries, checkpoint in bench_anchor(cfg, ego_checkpoint, train_dir, epochs, split, data, log,

@@ -104,14 +104,12 @@ def plot_fusion(rep: dict[str, Any], path: str | Path) -> None:
         values = [row["conditions"][c]["ap"]["0.5"] for c in conditions]
         ax.plot(range(len(conditions)), values, marker="o", color=CURVE_COLOURS[k % len(CURVE_COLOURS)],
                 linestyle="-" if "motion" in label else "--", label=label)
-    for name, style in (("none", ":"), ("late", "-.")):
-        value = rep["methods"].get(name, {}).get("ap", {}).get("0.5")
-        if value is not None:
-            ax.axhline(value, color="#7f7f7f", linestyle=style,
-                       label="ego only (nothing sent)" if name == "none" else "late fusion, clean channel")
+    value = rep["methods"].get("none", {}).get("ap", {}).get("0.5")
+    if value is not None:
+        ax.axhline(value, color="#7f7f7f", linestyle=":", label="ego only (nothing sent)")
     ax.set_xticks(range(len(conditions)), conditions, fontsize=8, rotation=20)
     ax.set_ylabel("AP@0.5 (global sort)")
-    ax.set_title("Fusion under channel impairments (codebook messages; anchor messages for anchor-centric)",
+    ax.set_title("Fusion under channel impairments (codebook messages; box messages for late and anchor-centric)",
                  fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower left", ncol=2)
