@@ -145,8 +145,10 @@ class Trainer:
         self.train_model: torch.nn.Module = model
         # a frozen detector whose codebook moves by EMA only has no gradient to reduce; anything else does
         if self.ddp.world > 1 and any(p.requires_grad for p in model.parameters()):
+            # with an encoder per agent kind a batch without some kind leaves that encoder without gradient
             self.train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=len(model.encoders.nets) > 1)
         # fp16 needs loss scaling against underflow; bf16 has fp32's exponent range and does not
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.precision == "fp16")
         self.pin_memory = cfg.train.pin_memory if cfg.train.pin_memory is not None else self.device.type == "cuda"

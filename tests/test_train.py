@@ -157,12 +157,16 @@ def test_real_data_configs_train_one_step_on_simulated_data(method, opv2v_set, d
 
 
 @pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
-def test_torchrun_two_processes_ddp(opv2v_set, tmp_path):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_torchrun_two_processes_ddp(opv2v_set, tmp_path, mixed):
     cfg_path = tmp_path / "ddp.yaml"
     cfg = {"dataset": {"root": str(opv2v_set.root), "train_split": "test", "val_split": "test", "eval_split": "test"},
            "cooperation": {"strategy": "intermediate"}, "fusion": {"method": "max"},
            # the ego-alone loss runs the shared head twice per step: DDP's gradient reduction must take it
            "train": {"out_dir": str(tmp_path / "ddp"), "epochs": 1, "ego_loss_weight": 1.0}}
+    if mixed:  # camera cars, LiDAR roadside units: a sample without a roadside unit leaves its encoder idle
+        cfg["dataset"]["sensors"] = {"default": ["camera"], "rsu": ["lidar"]}
+        cfg["model"] = {"encoders": {"default": "lss", "rsu": "pointpillars"}, "camera": {"image_size": [64, 48]}}
     cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     sets = [a for s in TINY for a in ("--set", s)]
