@@ -119,9 +119,9 @@ class EncoderSet(nn.Module):
 
 
 def summed(losses: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
+    """The sum of the losses that are there, or None when none is."""
     present = [loss for loss in losses if loss is not None]
     return sum(present[1:], present[0]) if present else None
-
 
 
 def key(name: str) -> str:
