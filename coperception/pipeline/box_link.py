@@ -25,7 +25,7 @@ from coperception.config import ExperimentConfig, MotionSettings
 from coperception.datasets.collate import AgentInput
 from coperception.fusion.motion import MotionTracker
 from coperception.geometry import invert, transform_boxes
-from coperception.pipeline.session import check_fresh, newest_to_fuse
+from coperception.pipeline.session import held_message, newest_to_fuse
 
 
 @dataclass
@@ -92,7 +92,8 @@ class BoxLink:
             if tx is None:
                 continue
             try:
-                msg = self._receive(tx, where, ego_time, decode)
+                msg = held_message(self.held, self.last_sequence, tx, where, ego_time, self.cfg.comm, self.keys is not None,
+                                   lambda t: decode(t.deliveries[0].packet))
             except MalformedMessage as exc:
                 rejected[type(exc).__name__] += 1
                 self.queues[where].remove(tx)
@@ -103,14 +104,3 @@ class BoxLink:
             if msg.velocity is not None and len(boxes):  # moved forward by the message's age
                 boxes[:, :2] += msg.velocity @ T[:2, :2].T * age
             yield Arrival(view, msg, boxes, age)
-
-    def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float,
-                 decode: Callable[[bytes], AnchorMessage]) -> AnchorMessage:
-        held = self.held.get(where)
-        if held is not None and held[0] is tx:
-            return held[1]
-        msg = decode(tx.deliveries[0].packet)
-        if self.keys is not None:
-            check_fresh(self.last_sequence, where, msg.sender, msg.sequence, msg.capture_time, ego_time, self.cfg.comm)
-        self.held[where] = (tx, msg)
-        return msg

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -98,6 +98,33 @@ def newest_to_fuse(queues: dict[tuple[str, int], list[Transmission]], where: tup
     if max_age is not None and ego_time - tx.capture_time > max_age / 1e3 + 1e-9:
         return None
     return tx
+
+
+class Stamped(Protocol):
+    """What the freshness check reads of a message (cell or box messages alike)."""
+
+    sender: int
+    sequence: int
+    capture_time: float
+
+
+T_msg = TypeVar("T_msg", bound=Stamped)
+
+
+def held_message(held: dict[tuple[str, int], tuple[Transmission, T_msg]], last_sequence: dict[tuple[str, int], int],
+                 tx: Transmission, where: tuple[str, int], ego_time: float, comm: CommConfig, authenticated: bool,
+                 decode: Callable[[Transmission], T_msg]) -> T_msg:
+    """The message of `tx` on link `where`: what the ego already holds when `tx` is still the newest that
+    arrived, else `decode(tx)` (which raises `MalformedMessage` on anything wrong) and, when `authenticated`,
+    `check_fresh`; the accepted message is held."""
+    kept = held.get(where)
+    if kept is not None and kept[0] is tx:
+        return kept[1]
+    msg = decode(tx)
+    if authenticated:
+        check_fresh(last_sequence, where, msg.sender, msg.sequence, msg.capture_time, ego_time, comm)
+    held[where] = (tx, msg)
+    return msg
 
 
 def check_fresh(last_sequence: dict[tuple[str, int], int], where: tuple[str, int], sender: int, sequence: int,
@@ -179,15 +206,9 @@ class CommSession:
     def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float) -> Message:
         """The message of `tx`, verified and validated; with keys also signed, fresh and newer than the
         last one accepted from its sender. Raises `MalformedMessage` (or a subclass) otherwise."""
-        held = self.held.get(where)
-        if held is not None and held[0] is tx:
-            return held[1]  # still the newest that arrived: the ego keeps what it already holds
-        msg = decode_packets([d.packet for d in tx.deliveries], keys=self.keys, require_auth=self.keys is not None,
-                             expected=self.expected)
-        if self.keys is not None:
-            check_fresh(self.last_sequence, where, msg.sender, msg.sequence, msg.capture_time, ego_time, self.cfg)
-        self.held[where] = (tx, msg)
-        return msg
+        return held_message(self.held, self.last_sequence, tx, where, ego_time, self.cfg, self.keys is not None,
+                            lambda t: decode_packets([d.packet for d in t.deliveries], keys=self.keys,
+                                                     require_auth=self.keys is not None, expected=self.expected))
 
     @property
     def broadcasting(self) -> bool:
