@@ -168,6 +168,12 @@ class CameraModelSettings(Strict):
     # the points are read for the targets of training samples only, never as a camera agent's input)
     depth_loss_weight: float = Field(0.0, ge=0)
 
+    def depth_centres(self) -> list[float]:
+        """The depths (metres along the optical axis) of the depth bins: what the encoder lifts to and what
+        training depth targets are binned by."""
+        step = (self.depth_max - self.depth_min) / (self.depth_bins - 1)
+        return [self.depth_min + i * step for i in range(self.depth_bins)]
+
     @model_validator(mode="after")
     def _depths(self) -> "CameraModelSettings":
         if self.depth_max <= self.depth_min:

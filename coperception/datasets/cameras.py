@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from coperception.datasets.types import Camera
+from coperception.datasets.types import Camera, project
 from coperception.errors import DataFormatError
 
 # OpenCV camera axes mirrored left-right (x right -> x left)
@@ -76,18 +76,17 @@ class CameraViews:
             K[:, 0, 1] = -K[:, 0, 1]
         return CameraViews(images, K, T)  # depth targets are made after the augmentation
 
-    def with_depth_targets(self, points: np.ndarray, stride: int, depths: np.ndarray) -> "CameraViews":
+    def with_depth_targets(self, points: np.ndarray, stride: int, depths: Sequence[float]) -> "CameraViews":
         """These cameras with a depth target per feature pixel (`stride` x `stride` image patch): the bin of
         `depths` (equally spaced) nearest to the nearest of `points` (N, >=3, in the view's frame) that
         projects into the patch; -1 where none does or the depth is outside the bins."""
         M, H, W = self.images.shape[:3]
         h, w = H // stride, W // stride
-        T = np.linalg.inv(self.T_frame_from_camera)  # (M, 4, 4) frame -> camera
-        cam = np.einsum("mij,nj->mni", T[:, :3, :3], points[:, :3]) + T[:, None, :3, 3]  # (M, N, 3)
-        z = cam[..., 2]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            uvw = np.einsum("mij,mnj->mni", self.intrinsics, cam)
-            u, v = uvw[..., 0] / uvw[..., 2], uvw[..., 1] / uvw[..., 2]
+        projected = [project(points, K, T) for K, T in zip(self.intrinsics, self.T_frame_from_camera)]
+        u = np.stack([uv[:, 0] for uv, _ in projected])  # (M, N)
+        v = np.stack([uv[:, 1] for uv, _ in projected])
+        z = np.stack([depth for _, depth in projected])
+        depths = np.asarray(depths, dtype=np.float64)
         step = (depths[-1] - depths[0]) / (len(depths) - 1)
         ok = (z > 0) & (u >= 0) & (u < W) & (v >= 0) & (v < H) & (z >= depths[0] - step / 2) & (z < depths[-1] + step / 2)
         m_idx = np.nonzero(ok)[0]

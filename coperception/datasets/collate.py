@@ -137,12 +137,6 @@ def sensed(agent: AgentObservation, dcfg: DatasetConfig, mcfg: ModelConfig) -> t
     return points, cameras
 
 
-def depth_bin_centres(mcfg: ModelConfig) -> np.ndarray:
-    """The depths (metres along the optical axis) of the camera encoder's depth bins."""
-    s = mcfg.camera
-    return np.linspace(s.depth_min, s.depth_max, s.depth_bins)
-
-
 def z_shift(dz: float) -> np.ndarray:
     T = np.eye(4)
     T[2, 3] = dz
@@ -175,7 +169,7 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
         points, transforms, gt, maps = augment_scene(points, transforms, gt, rng)
         cameras = [c.mapped(M) if c is not None else None for c, M in zip(cameras, maps)]
     if training and mcfg.camera.depth_loss_weight > 0:
-        cameras = [c.with_depth_targets(transform_points(M, agent.points), mcfg.camera.stride, depth_bin_centres(mcfg))
+        cameras = [c.with_depth_targets(transform_points(M, agent.points), mcfg.camera.stride, mcfg.camera.depth_centres())
                    if c is not None else None for c, M, agent in zip(cameras, maps, sample.agents)]
     views: list[AgentInput] = []
     sent_points = []

@@ -25,13 +25,19 @@ class Camera:
 
     def project(self, points_agent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Agent-frame points (N, >=3) -> pixel coordinates (N, 2) and depth along the optical axis (N,)."""
-        T = invert(self.T_agent_from_camera)
-        cam = points_agent[:, :3] @ T[:3, :3].T + T[:3, 3]
-        z = cam[:, 2]
-        uvw = cam @ self.intrinsics.T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            uv = uvw[:, :2] / uvw[:, 2:3]
-        return uv, z
+        return project(points_agent, self.intrinsics, self.T_agent_from_camera)
+
+
+def project(points: np.ndarray, intrinsics: np.ndarray, T_frame_from_camera: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Points (N, >=3) in a frame -> pixel coordinates (N, 2) and depth along the optical axis (N,) of the
+    pinhole camera `intrinsics` (3, 3) placed in that frame by `T_frame_from_camera` (OpenCV axes)."""
+    T = invert(T_frame_from_camera)
+    cam = points[:, :3] @ T[:3, :3].T + T[:3, 3]
+    z = cam[:, 2]
+    uvw = cam @ np.asarray(intrinsics).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = uvw[:, :2] / uvw[:, 2:3]
+    return uv, z
 
 
 @dataclass

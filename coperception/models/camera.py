@@ -101,8 +101,7 @@ class LiftSplatEncoder(BEVEncoder):
         settings = mcfg.camera
         self.z_range = (r[2], r[5])
         self.stride = settings.stride
-        self.register_buffer("depths", torch.linspace(settings.depth_min, settings.depth_max, settings.depth_bins),
-                             persistent=False)
+        self.register_buffer("depths", torch.tensor(settings.depth_centres(), dtype=torch.float32), persistent=False)
         self.image_net = ImageBackbone(settings.image_channels, settings.stride)
         self.channels = mcfg.pfn_channels  # what the BEV backbone takes, as from the pillar net
         self.depth_context = nn.Conv2d(settings.image_channels, settings.depth_bins + self.channels, 1)
