@@ -202,7 +202,7 @@ def test_mixed_scene_trains_and_evaluates_through_the_channel(opv2v_set, tmp_pat
                  f"train.out_dir={tmp_path}", "train.max_steps=2", "cooperation.strategy=intermediate",
                  "fusion.method=max")
     assert train(cfg, progress=False)["steps"] == 2
-    sparse = cfg.model_copy(update={"comm": cfg.comm.model_copy(update={"codec": "sparse"})})
+    sparse = cfg.variant(codec="sparse")
     model = load_model(tmp_path / "last.pt", sparse)
     entry = evaluate_method(model, sparse, "test", progress=False, limit=4)
     assert entry["frames"] == 4 and 0.0 <= entry["ap"]["0.5"] <= 1.0

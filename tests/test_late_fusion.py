@@ -56,8 +56,7 @@ def test_senders_boxes_arrive_in_the_ego_frame_at_their_measured_size(opv2v_set)
 
 def test_lost_messages_leave_the_ego_alone_and_late_ones_are_old(opv2v_set):
     cfg, frames = _frames(opv2v_set)
-    lossy = cfg.model_copy(update={"comm": cfg.comm.model_copy(update={
-        "channel": cfg.comm.channel.model_copy(update={"loss_rate": 1.0, "mean_burst_packets": 1.0})})})
+    lossy = cfg.variant(channel={"loss_rate": 1.0, "mean_burst_packets": 1.0})
     p = frames[0]
     dets = _detections(p, 1)
     merged, stats = LateSession(cfg=lossy).deliver_boxes(p, dets, nms_threshold=0.15)
@@ -65,8 +64,7 @@ def test_lost_messages_leave_the_ego_alone_and_late_ones_are_old(opv2v_set):
     np.testing.assert_array_equal(merged.boxes, dets[0].boxes[alone])
     assert stats.fused_ages == {} and all(b == 0 for b in stats.delivered_bytes.values())
 
-    slow = cfg.model_copy(update={"comm": cfg.comm.model_copy(update={
-        "channel": cfg.comm.channel.model_copy(update={"latency_ms": 150.0})})})
+    slow = cfg.variant(channel={"latency_ms": 150.0})
     session = LateSession(cfg=slow)
     ages = []
     for i, p in enumerate(frames):

@@ -23,14 +23,6 @@ from coperception.pipeline.model import load_model
 from coperception.train import train
 
 
-def with_train(cfg: ExperimentConfig, out_dir: Path, epochs: int) -> ExperimentConfig:
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "out_dir": str(out_dir)})})
-
-
-def with_codec(cfg: ExperimentConfig, codec: str) -> ExperimentConfig:
-    return cfg.model_copy(update={"comm": cfg.comm.model_copy(update={"codec": codec})})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
@@ -49,7 +41,7 @@ def main() -> None:
     def evaluate(name: str, ego: str, others: str, cfg: ExperimentConfig, checkpoint: Path, epochs: int | None) -> None:
         codecs = ["sparse", "dense"] if cfg.cooperation.strategy == "intermediate" else [cfg.comm.codec]
         for codec in codecs:
-            run_cfg = with_codec(cfg, codec)
+            run_cfg = cfg.variant(codec=codec)
             entry = evaluate_method(load_model(checkpoint, run_cfg), run_cfg, run_cfg.dataset.eval_split, progress=True)
             label = name if len(codecs) == 1 else f"{name} ({codec})"
             rows.append({"method": label, "ego_sensors": ego, "other_sensors": others, "ap": entry["ap"],
@@ -60,13 +52,12 @@ def main() -> None:
 
     for name, (ego, others, cfg) in trained.items():
         run_dir = args.out / "camera" / name.replace(" / ", "_").replace(" ", "_")
-        cfg = with_train(cfg, run_dir, args.epochs)
+        cfg = cfg.variant(train={"epochs": args.epochs, "out_dir": str(run_dir)})
         if not (run_dir / "last.pt").is_file():
             train(cfg, progress=True, overwrite=True)
         evaluate(name, ego, others, cfg, run_dir / "last.pt", args.epochs)
     lidar = load_config("configs/synthetic.yaml")
-    evaluate("lidar / ego only", "lidar", "-", lidar.model_copy(update={"cooperation": lidar.cooperation.model_copy(
-        update={"strategy": "none"})}), args.lidar_ego, None)
+    evaluate("lidar / ego only", "lidar", "-", lidar.variant(strategy="none"), args.lidar_ego, None)
     evaluate("lidar / max", "lidar", "lidar", lidar, args.lidar_max, None)
     report = {"protocol": "BEV rotated IoU, VOC all-point AP, detections of all test frames sorted together (global "
                           "sort); bytes: measured serialized bytes each sender's message had, per sender per frame "

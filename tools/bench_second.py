@@ -37,8 +37,7 @@ def main() -> None:
               "encoders": {}}
     for name, cfg in runs.items():
         run_dir = args.out / "second" / name
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": args.epochs,
-                                                                           "out_dir": str(run_dir)})})
+        cfg = cfg.variant(train={"epochs": args.epochs, "out_dir": str(run_dir)})
         summary = None
         if not (run_dir / "last.pt").is_file():
             summary = train(cfg, progress=True, overwrite=True)
