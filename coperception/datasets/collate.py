@@ -128,12 +128,14 @@ def augment_scene(points: list[np.ndarray], transforms: list[np.ndarray], gt: np
     return new_points, new_transforms, boxes, maps
 
 
-def sensed(agent: AgentObservation, dcfg: DatasetConfig, mcfg: ModelConfig) -> tuple[np.ndarray, CameraViews | None]:
-    """The agent's points (empty when its kind carries no LiDAR) and its cameras (None when it carries none)."""
+def sensed(agent: AgentObservation, dcfg: DatasetConfig, mcfg: ModelConfig, with_cameras: bool = True
+           ) -> tuple[np.ndarray, CameraViews | None]:
+    """The agent's points (empty when its kind carries no LiDAR) and its cameras (None when it carries none,
+    or when they are not wanted)."""
     sensors = dcfg.sensors_of(agent.kind)
     points = agent.points if "lidar" in sensors else np.zeros((0, 4), dtype=np.float32)
     cameras = CameraViews.from_cameras(agent.cameras, mcfg.camera.image_size, agent.agent_id) \
-        if "camera" in sensors else None
+        if with_cameras and "camera" in sensors else None
     return points, cameras
 
 
@@ -162,7 +164,10 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
 
     ego_time = sample.ego.capture_time
     transforms = [sample.T_ego_from_agent(k) for k in range(len(sample.agents))]
-    points, cameras = map(list, zip(*(sensed(agent, dcfg, mcfg) for agent in sample.agents)))
+    # `ego` encodes the ego's view alone: the others' images are not prepared (their points still move the scene)
+    n_views = 1 if mode == "ego" else len(sample.agents)
+    points, cameras = map(list, zip(*(sensed(agent, dcfg, mcfg, with_cameras=k < n_views)
+                                      for k, agent in enumerate(sample.agents))))
     gt = sample.gt_boxes
     maps = [np.eye(4)] * len(points)
     if rng is not None:
@@ -190,8 +195,7 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                                     agent.T_world_from_agent, sample.ego.T_world_from_agent,
                                     cameras=cameras[k].moved(transforms[k]) if cameras[k] is not None else None))
     else:
-        chosen = range(1) if mode == "ego" else range(len(sample.agents))
-        for k in chosen:
+        for k in range(n_views):
             agent = sample.agents[k]
             lifted, T = lift_to_ego_datum(points[k], transforms[k])
             sends_raw = mode == "senders_project" and k > 0
