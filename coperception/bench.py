@@ -335,8 +335,8 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
     """Every fusion in `fusions` fine-tuned from the demo's max checkpoint with `cfg.train`'s recipe on
     `cfg`'s codebook messages (existing runs under `out/fusion/train` are reused), each evaluated without
     and with motion compensation under every condition of `FUSION_CONDITIONS`; late fusion of the ego-only
-    model's boxes (through the channel) the same way; ego-only and early fusion beside them (early fusion's
-    points do not go through the channel model: clean only)."""
+    model's boxes (through the channel) the same way, and early fusion's points (no motion compensation:
+    its senders run no detector); ego-only beside them."""
     split = cfg.dataset.eval_split
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     cache: dict = {}
@@ -351,8 +351,10 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
                                        data, log)
             rows[label] = {"checkpoint": str(ego_checkpoint), "conditions": entries}
             methods.setdefault(label, entries["clean"])
-    if "early" in checkpoints:
-        methods["early"] = _eval(checkpoints["early"], variant(cfg, "early"), split, data, log, "early")
+    if "early" in checkpoints:  # the demo's early model: its points through the channel under every condition
+        entries = under_conditions(checkpoints["early"], variant(cfg, "early"), "early", split, data, log)
+        rows["early"] = {"checkpoint": str(checkpoints["early"]), "conditions": entries}
+        methods["early"] = entries["clean"]
     for fusion in fusions:
         if fusion == ANCHOR_ROW:
             for label, entries, checkpoint in bench_anchor(cfg, ego_checkpoint, train_dir, epochs, split, data, log,

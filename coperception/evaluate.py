@@ -23,6 +23,7 @@ from coperception.device import synchronize
 from coperception.eval.ap import PROTOCOL, APAccumulator
 from coperception.pipeline.anchor_exchange import anchor_session
 from coperception.pipeline.attacks import GhostAttack
+from coperception.pipeline.early_exchange import EarlySession
 from coperception.pipeline.late_exchange import LateSession
 from coperception.pipeline.model import CooperativeModel, method_label
 from coperception.pipeline.session import CommSession, HeldMessage
@@ -74,8 +75,13 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
         if attack is not None:
             raise ConfigError("the ghost attack forges cell messages; late fusion sends boxes")
         session = LateSession(cfg=cfg)
+    elif strategy.sends_points:
+        if attack is not None:
+            raise ConfigError("the ghost attack forges cell messages; early fusion sends points")
+        session = EarlySession(cfg=cfg)
     # messages that go through the channel: ages and refusals are reported
-    sparse = (model.agent is not None and model.agent.codec.sparse) or exchanges_anchors or strategy.sends_boxes
+    sparse = (model.agent is not None and model.agent.codec.sparse) or exchanges_anchors or strategy.sends_boxes \
+        or strategy.sends_points
     sent_per_frame, sent_per_agent, broadcast_bytes, fused_ages = [], [], [], []
     rejected: Counter[str] = Counter()
     model_ms = []

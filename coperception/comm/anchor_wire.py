@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
 from coperception.comm.kinds import MalformedMessage
-from coperception.comm.wire import (_CRC, _MAC, FLAG_HMAC, CodebookMismatch, CRCError, pack_bits, seal, unpack_bits,
-                                   verify_signature)
+from coperception.comm.wire import (_CRC, _MAC, FLAG_HMAC, CodebookMismatch, CRCError, pack_bits, pose_fields,
+                                   pose_from_fields, seal, unpack_bits, verify_signature)
 
 ANCHOR_MAGIC = b"CA"
 ANCHOR_VERSION = 1
@@ -103,11 +102,9 @@ def encode_anchor_message(msg: AnchorMessage, mtu: int, key: bytes | None = None
     if size > mtu:
         raise ValueError(f"anchor message of {count} anchors takes {size} bytes, more than the MTU {mtu}")
     q = quantize_boxes(msg.boxes, msg.scores)
-    T = np.asarray(msg.pose, dtype=np.float64)
-    quat = Rotation.from_matrix(T[:3, :3]).as_quat()
     flags = (FLAG_HMAC if key else 0) | (FLAG_VELOCITY if msg.velocity is not None else 0)
     header = ANCHOR_HEADER.pack(ANCHOR_MAGIC, ANCHOR_VERSION, flags, int(msg.sender),
-                                msg.sequence & 0xFFFFFFFF, float(msg.capture_time), *T[:3, 3].tolist(), *quat.tolist(),
+                                msg.sequence & 0xFFFFFFFF, float(msg.capture_time), *pose_fields(msg.pose),
                                 msg.codebook_hash[:4], count, stages, msg.bits)
     return seal(header + b"".join(ANCHOR_RECORD.pack(*row) for row in q.tolist()) + pack_bits(codes, msg.bits)
                 + velocity, key)
@@ -146,14 +143,12 @@ def decode_anchor_message(data: bytes, keys: Mapping[int, bytes] | None = None, 
     if (stages is not None and n_stages != stages) or (bits is not None and n_bits != bits) or not 1 <= n_bits <= 16:
         raise MalformedMessage(f"anchor message from sender {sender}: {n_stages} stages of {n_bits} bits, the receiver "
                                f"reads {stages} of {bits}")
-    if not math.isfinite(t) or not all(math.isfinite(v) for v in (*translation, *quat)):
-        raise MalformedMessage(f"anchor message from sender {sender}: non-finite capture time or pose")
-    norm = math.sqrt(sum(v * v for v in quat))
-    if norm < 1e-6:
-        raise MalformedMessage(f"anchor message from sender {sender}: pose quaternion is not a rotation")
-    pose = np.eye(4)
-    pose[:3, 3] = translation
-    pose[:3, :3] = Rotation.from_quat(np.asarray(quat, np.float64) / norm).as_matrix()
+    if not math.isfinite(t):
+        raise MalformedMessage(f"anchor message from sender {sender}: non-finite capture time")
+    try:
+        pose = pose_from_fields((*translation, *quat))
+    except MalformedMessage as exc:
+        raise MalformedMessage(f"anchor message from sender {sender}: {exc}") from None
     start = ANCHOR_HEADER.size
     records = np.frombuffer(data, dtype=np.dtype([("x", "<i2"), ("y", "<i2"), ("z", "i1"), ("l", "u1"), ("w", "u1"),
                                                   ("h", "u1"), ("yaw", "u1"), ("score", "u1")]),

@@ -197,18 +197,23 @@ def codebook_digest(*arrays: np.ndarray) -> bytes:
     return h.digest()[:8]
 
 
-def _pose_fields(pose: np.ndarray) -> list[float]:
+def pose_fields(pose: np.ndarray) -> list[float]:
+    """A (4, 4) pose as the wire carries it: translation (3) and unit quaternion x, y, z, w (4)."""
     T = np.asarray(pose, dtype=np.float64)
     quat = Rotation.from_matrix(T[:3, :3]).as_quat()  # x, y, z, w
     return [*T[:3, 3].tolist(), *quat.astype(np.float32).tolist()]
 
 
-def _pose_from_fields(fields: Sequence[float]) -> np.ndarray:
+def pose_from_fields(fields: Sequence[float]) -> np.ndarray:
+    """Inverse of `pose_fields`; a non-finite pose or a quaternion of (near) zero norm is a `MalformedMessage`."""
+    values = np.asarray(fields[:7], dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise MalformedMessage("non-finite pose")
     T = np.eye(4)
-    T[:3, 3] = fields[:3]
-    quat = np.asarray(fields[3:7], dtype=np.float64)
+    T[:3, 3] = values[:3]
+    quat = values[3:7]
     norm = np.linalg.norm(quat)
-    if not np.isfinite(norm) or norm < 1e-6:
+    if norm < 1e-6:
         raise MalformedMessage("pose quaternion is not a rotation")
     T[:3, :3] = Rotation.from_quat(quat / norm).as_matrix()
     return T
@@ -333,7 +338,7 @@ def encode_message(msg: Message, mtu: int = DEFAULT_MTU, key: bytes | None = Non
         channels = int(msg.values.shape[1]) if msg.kind == MessageKind.SPARSE_FP32 else 0  # type: ignore[union-attr]
         header = _HEADER.pack(MAGIC, VERSION, int(msg.kind), flags, bits, int(msg.sender),
                               msg.sequence & 0xFFFFFFFF, p, len(chunks), float(msg.capture_time),
-                              *_pose_fields(msg.pose), msg.grid.x_min, msg.grid.y_min, msg.grid.cell,
+                              *pose_fields(msg.pose), msg.grid.x_min, msg.grid.y_min, msg.grid.cell,
                               msg.grid.height, msg.grid.width, msg.codebook_hash, msg.segments, msg.stages, channels,
                               start, length, len(part), len(index_bytes))
         packets.append(seal(header + index_bytes + payload, key))
@@ -400,7 +405,7 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         raise MalformedMessage(f"packet of {len(data)} bytes is larger than {MAX_PACKET_BYTES}")
     fields = _HEADER.unpack_from(data)
     magic, version, kind, flags, bits, sender, sequence, index, count, t = fields[:10]
-    pose_fields = fields[10:17]
+    pose_values = fields[10:17]
     x_min, y_min, cell, height, width, cb_hash, m, r, channels, start, length, n_cells, index_len = fields[17:]
     if magic != MAGIC:
         raise MalformedMessage(f"bad magic {magic!r} (expected {MAGIC!r})")
@@ -428,7 +433,7 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         raise MalformedMessage(f"packet index {index} >= packet count {count}")
     if not math.isfinite(t):
         raise MalformedMessage(f"capture time: {t} is not finite")
-    if not all(math.isfinite(v) for v in pose_fields):
+    if not all(math.isfinite(v) for v in pose_values):
         raise MalformedMessage("pose: not finite")
     if not (math.isfinite(x_min) and math.isfinite(y_min) and math.isfinite(cell) and cell > 0 and height and width):
         raise MalformedMessage(f"grid: x_min {x_min}, y_min {y_min}, cell {cell}, {height} x {width} is not a grid")
@@ -491,7 +496,7 @@ def decode_packet(data: bytes, keys: Mapping[int, bytes] | None = None, codebook
         uncertainty = np.frombuffer(unc_bytes, dtype=np.uint8).reshape(n_cells, 2).copy()
     if flags & FLAG_MOTION:
         motion = decode_motion(motion_section)
-    return Packet(kind, sender, sequence, index, count, t, _pose_from_fields(pose_fields), grid, cb_hash, bits, cells,
+    return Packet(kind, sender, sequence, index, count, t, pose_from_fields(pose_values), grid, cb_hash, bits, cells,
                   codes, values, len(data), uncertainty, motion)
 
 

@@ -2,7 +2,9 @@
 
 Which agents' points are encoded, and in which frame, depends on the cooperation method:
 - `ego`: the ego's own points (no fusion; late fusion trains this way);
-- `merged`: every agent's points moved into the ego frame, one cloud (early fusion);
+- `merged`: every agent's points moved into the ego frame, one cloud (early fusion in training); the
+  ego's own points (`AgentInput.points`) and what each sender sends (`sent_points`) are kept, so at
+  evaluation the comm session merges what arrived instead (`Projector.merged`);
 - `all`: every agent's points in its own frame (late fusion at inference; intermediate fusion
   without projection);
 - `projected`: every agent's points moved into the ego frame, each agent still encoded on its own
@@ -52,7 +54,8 @@ class AgentInput:
     capture_time: float
     T_world_from_agent: np.ndarray  # (4, 4) the agent's true world pose at capture (unaugmented)
     T_world_from_frame: np.ndarray  # (4, 4) world pose of the frame the view is encoded in (unaugmented)
-    points: np.ndarray | None = None  # `senders_project`: the sender's raw points in its own frame
+    # `senders_project`: the sender's raw points in its own frame; `merged`: the ego's own points
+    points: np.ndarray | None = None
     cameras: CameraViews | None = None  # where the agent's kind carries a camera: calibrated in the view's frame
     own_cameras: CameraViews | None = None  # `senders_project`: the sender's cameras in its own frame
 
@@ -186,7 +189,7 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                        for a, T, p in zip(sample.agents[1:], transforms[1:], points[1:])]
         merged = np.concatenate([transform_points(T, p) for T, p in zip(transforms, points)])
         views.append(AgentInput(_voxelize(merged, dcfg, mcfg), np.eye(4), 0, 0.0, sender_id(sample.ego.agent_id),
-                                ego_time, sample.ego.T_world_from_agent, sample.ego.T_world_from_agent))
+                                ego_time, sample.ego.T_world_from_agent, sample.ego.T_world_from_agent, points[0]))
     elif mode == "projected":
         for k, agent in enumerate(sample.agents):
             projected = transform_points(transforms[k], points[k]).astype(np.float32) if k else points[k]
@@ -222,8 +225,15 @@ class Projector:
 
     def __call__(self, points: np.ndarray, T_frame_from_agent: np.ndarray, frame_key: str, sender: int) -> Voxels:
         moved = transform_points(T_frame_from_agent, points).astype(np.float32)
-        draw = np.random.default_rng([zlib.crc32(frame_key.encode()), sender & 0xFFFFFFFF])
-        return VOXELIZERS[self.model.voxelizer](moved, self.dataset.point_cloud_range, self.model.voxel_size,
+        return self._voxelize(moved, np.random.default_rng([zlib.crc32(frame_key.encode()), sender & 0xFFFFFFFF]))
+
+    def merged(self, points: np.ndarray, frame_key: str) -> Voxels:
+        """Early fusion's one cloud in the ego frame, voxelized as `prepare_sample` voxelizes it at evaluation
+        (pillars above the cap drawn from the frame's generator)."""
+        return self._voxelize(points.astype(np.float32), np.random.default_rng(zlib.crc32(frame_key.encode())))
+
+    def _voxelize(self, points: np.ndarray, draw: np.random.Generator) -> Voxels:
+        return VOXELIZERS[self.model.voxelizer](points, self.dataset.point_cloud_range, self.model.voxel_size,
                                                 self.model.max_points_per_voxel, voxel_cap(self.model, False), draw)
 
 

@@ -1,7 +1,8 @@
 """Cooperation strategies: which views each agent encodes, what it sends and how the ego detects.
 
 - `none`: the ego's own points only; nothing is sent.
-- `early`: every agent's raw points, merged in the ego frame (measured as serialized points).
+- `early`: every agent's raw points, merged in the ego frame (at evaluation through the point wire format
+  and the channel: an `EarlySession`).
 - `late`: every agent detects alone and sends its boxes; the ego merges them by NMS.
 - `intermediate`: BEV features selected and coded by the agent side, delivered (by the comm session
   at evaluation) and fused by the ego side.
@@ -15,7 +16,6 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
-from coperception.comm.payload import serialize_points
 from coperception.datasets.collate import AgentInput, InputMode, PreparedSample, views_batch
 from coperception.grid import BEVGrid
 from coperception.models.heads import AnchorHead, HeadOutput
@@ -26,6 +26,7 @@ from coperception.pipeline.ego import Delivery
 from coperception.registry import Registry
 from coperception.types import AgentBatch
 
+from coperception.pipeline.early_exchange import EarlySession
 from coperception.pipeline.late_exchange import LateSession
 
 if TYPE_CHECKING:
@@ -94,6 +95,7 @@ class Strategy:
     sends_features: ClassVar[bool] = False  # intermediate: has an agent side and an ego side
     exchanges_anchors: ClassVar[bool] = False  # anchor-centric: senders send anchors, the ego refines them
     sends_boxes: ClassVar[bool] = False  # late: senders send their detections through the channel
+    sends_points: ClassVar[bool] = False  # early: senders send their points through the channel
 
     def input_mode(self, training: bool, project_first: bool) -> InputMode:
         return self.train_mode if training else self.infer_mode
@@ -110,11 +112,7 @@ class Strategy:
         each sender sent (`session`: what delivers intermediate messages)."""
         out = self.forward(model, batch).head
         return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold),
-                              [self.sent_bytes(p) for p in prepared])
-
-    def sent_bytes(self, sample: PreparedSample) -> list[int]:
-        """Serialized size of what each non-ego agent sends for `sample` (nothing by default)."""
-        return []
+                              [[] for _ in prepared])
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("cooperation.strategy")
@@ -127,10 +125,29 @@ class NoCooperation(Strategy):
 
 @STRATEGIES.register("early")
 class EarlyFusion(Strategy):
-    name, train_mode, infer_mode = "early", "merged", "merged"
+    """Trains on the merged cloud (the senders' points moved with their true poses); at inference every
+    sender's points go through the channel (an `EarlySession`) and the ego detects from its own points and
+    what arrived."""
 
-    def sent_bytes(self, sample: PreparedSample) -> list[int]:
-        return [len(serialize_points(points, sender, t, T)) for (sender, t, T, points) in sample.sent_points]
+    name, train_mode, infer_mode = "early", "merged", "merged"
+    sends_points = True
+
+    def detect(self, model: CooperativeParts, batch: AgentBatch, prepared: list[PreparedSample], score_threshold: float,
+               nms_threshold: float, session: "CommSession | AnchorSession | LateSession | EarlySession | None" = None
+               ) -> StrategyOutput:
+        if not isinstance(session, EarlySession):
+            raise ValueError("early fusion delivers its points through an EarlySession")
+        views, sizes, ages = [], [], []
+        rejected: Counter[str] = Counter()
+        for p in prepared:
+            view, stats = session.deliver_points(p)
+            views.append([view])
+            sizes.append(list(stats.delivered_bytes.values()))
+            ages.append(list(stats.fused_ages.values()))
+            rejected.update(stats.rejected)
+        out = model.head(model.encode(views_batch(views).to(model.anchors.device)))
+        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, None, ages,
+                              dict(rejected))
 
 
 @STRATEGIES.register("late")
