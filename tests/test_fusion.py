@@ -133,6 +133,8 @@ def test_fusion_registry_and_settings_errors_name_what_is_known():
         build_fusion("max", 8, {"heads": 2})
     with pytest.raises(ValueError, match="must divide"):
         build_fusion("attention", 10, {"heads": 3})
+    with pytest.raises(ConfigError, match="context: .*must be odd"):
+        build_fusion("attention", 8, {"context": 2})
 
 
 def test_attention_fusion_trains_and_evaluates_through_the_comm_session(opv2v_set, tmp_path):

@@ -23,13 +23,14 @@ from coperception.models.uncertainty import UncertaintyHead, as_sent, dequantize
 # every fusion, with settings that make the learned parts matter (a zero-initialised output would hide them)
 VARIANTS = {"max": {}, "mean": {}, "attention": {"heads": 2, "key_channels": 4},
             "attention_none": {"heads": 2, "key_channels": 4, "base": "none"},
+            "attention_context": {"heads": 2, "key_channels": 4, "context": 3},
             "uncertainty_trust": {"initial_trust": 0.6}}
 
 
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     options = dict(VARIANTS[name])
-    fusion = build_fusion(name.replace("_none", ""), 8, options)
+    fusion = build_fusion(name.replace("_none", "").replace("_context", ""), 8, options)
     for module in fusion.modules():  # as training would leave it: nothing zero
         if isinstance(module, torch.nn.Conv2d) and not module.weight.abs().sum():
             torch.nn.init.normal_(module.weight, std=0.3)

@@ -1,7 +1,7 @@
 """Attention fusion: per cell, the ego's feature attends over every agent's feature at that cell.
 
 Scaled dot-product attention with `heads` heads; the query is a projection of the ego's feature, the
-keys projections of each agent's feature plus a learned embedding of its kind (vehicle, roadside
+keys projections of each agent's feature (of the cell alone, or of its neighbourhood: `context`) plus a learned embedding of its kind (vehicle, roadside
 unit) and of its message age.
 
 With `base: none` the values are the agents' features themselves and the output is their attention-
@@ -19,7 +19,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from coperception.fusion.base import Fusion, FusionMeta, masked_max, register_fusion, usable_cells
@@ -35,6 +35,16 @@ class AttentionFusion(Fusion):
         key_channels: int = Field(32, ge=1)  # per head
         max_age_s: float = Field(0.5, gt=0)  # ages are scaled by this before their embedding
         base: Literal["none", "max"] = "max"  # what the attention output is added to (see the module docstring)
+        # kernel size of the query and key projections: 1 compares cells alone, 3 each cell's 3x3 neighbourhood
+        # (what lies around a cell tells whether an agent's feature there is an object or its blurred edge)
+        context: int = Field(1, ge=1)
+
+        @field_validator("context")
+        @classmethod
+        def _odd(cls, value: int) -> int:
+            if value % 2 == 0:
+                raise ValueError(f"must be odd (a neighbourhood centred on the cell), got {value}")
+            return value
 
     def __init__(self, channels: int, settings: BaseModel | None = None):
         super().__init__(channels, settings)
@@ -42,8 +52,8 @@ class AttentionFusion(Fusion):
         if channels % s.heads:
             raise ValueError(f"attention fusion: heads {s.heads} must divide the {channels} feature channels")
         self.heads, self.dk, self.max_age = s.heads, s.key_channels, s.max_age_s
-        self.query = nn.Conv2d(channels, s.heads * s.key_channels, 1)
-        self.key = nn.Conv2d(channels, s.heads * s.key_channels, 1)
+        self.query = nn.Conv2d(channels, s.heads * s.key_channels, s.context, padding=s.context // 2)
+        self.key = nn.Conv2d(channels, s.heads * s.key_channels, s.context, padding=s.context // 2)
         self.kind_embedding = nn.Embedding(AGENT_KINDS, s.heads * s.key_channels)
         self.age_embedding = nn.Linear(1, s.heads * s.key_channels)
         self.base = s.base
