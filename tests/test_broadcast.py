@@ -16,7 +16,7 @@ from coperception.datasets.voxelize import voxelize
 from coperception.geometry import invert
 from coperception.grid import BEVGrid
 from coperception.pipeline.agent import AgentSide
-from coperception.pipeline.session import CommSession
+from coperception.pipeline.session import CommSession, HeardBroadcast, pose_ahead
 
 CFG = load_config(None, [])
 GRID = BEVGrid.from_range(CFG.dataset.point_cloud_range, CFG.model.voxel_size[0])  # the pillar grid
@@ -70,11 +70,12 @@ class Recorder:
         return feats
 
 
-def session(filling: bool = False, **channel) -> CommSession:
+def session(filling: bool = False, project_ahead: bool = False, **channel) -> CommSession:
     agent = AgentSide(CODECS.get("sparse")(2, CFG.comm.codebook),
                       SelectionSettings(threshold=0.5, filling=filling, request_threshold=0.5), GRID)
     cfg = CommConfig(codec="sparse", channel=ChannelConfig(**channel))
-    return CommSession(agent, lambda f: f[:, 0], cfg, projector=Projector(CFG.dataset, CFG.model))
+    return CommSession(agent, lambda f: f[:, 0], cfg, projector=Projector(CFG.dataset, CFG.model),
+                       project_ahead=project_ahead)
 
 
 def run(frames: list[np.ndarray], recorder: Recorder, **kwargs) -> CommSession:
@@ -114,6 +115,35 @@ def test_projection_uses_this_frames_broadcast_when_it_arrives_in_time():
     expected = {(int(np.floor((p[1] - GRID.y_min) / GRID.cell)), int(np.floor((p[0] - GRID.x_min) / GRID.cell)))
                 for p in moved if GRID.x_min <= p[0] < GRID.x_max and GRID.y_min <= p[1] < GRID.y_max}
     assert cells == expected
+
+
+def test_pose_ahead_predicts_the_ego_pose_of_the_frame_that_fuses_the_message():
+    step = pose(1.0, 0.05, 2.0)  # the ego's move per 100 ms frame: 10 m/s, turning at 20 deg/s
+    at = [np.linalg.matrix_power(step, k) for k in range(6)]
+    heard = [HeardBroadcast(0.1 * k, at[k], 0.1 * k + 0.15) for k in (0, 1)]  # 150 ms on the link
+    # sent at 0.2 s it arrives at 0.35 s: the ego frame of 0.3 s fuses it (50 ms deadline)
+    np.testing.assert_allclose(pose_ahead(heard, 0.2, 0.1, 0.05), at[3], atol=1e-9)
+    np.testing.assert_allclose(pose_ahead(heard, 0.21, 0.1, 0.05), at[4], atol=1e-9)  # 10 ms later: the next frame
+    fast = [HeardBroadcast(0.1 * k, at[k], 0.1 * k + 0.001) for k in (0, 1)]
+    np.testing.assert_array_equal(pose_ahead(fast, 0.1, 0.1, 0.05), at[1])  # fused at its own frame
+    assert pose_ahead(heard[1:], 0.2, None, 0.05) is heard[1].pose  # one broadcast: nothing to predict from
+    straight = [pose(10 * t, 0.5 * t) for t in (0.0, 0.2, 0.4)]
+    gap = [HeardBroadcast(0.0, straight[0], 0.15), HeardBroadcast(0.2, straight[1], 0.35)]  # one lost between
+    np.testing.assert_allclose(pose_ahead(gap, 0.3, 0.1, 0.05), straight[2], atol=1e-9)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_late_message_is_projected_into_the_ego_pose_of_the_frame_that_fuses_it(ahead):
+    s = session(latency_ms=150.0, project_ahead=ahead)
+    held = []
+    for frame in range(8):
+        ego = np.linalg.matrix_power(pose(1.0, 0.1, 0.5), frame)  # steady speed and turn rate
+        _, stats = s.deliver(sample(frame, ego), Recorder())
+        held.extend((frame, h) for h in stats.held)
+    late = [(frame, h) for frame, h in held if frame >= 5]  # messages of senders that have heard two broadcasts
+    assert late and all(h.age_s == pytest.approx(0.2) for _, h in late)
+    for frame, h in late:  # projected ahead, each lies in the ego frame that fuses it: nothing left to warp
+        assert np.allclose(h.T_ego_from_frame, np.eye(4), atol=1e-6) == ahead
 
 
 def test_before_any_broadcast_arrives_the_sender_stays_in_its_own_frame():

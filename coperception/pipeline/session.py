@@ -140,6 +140,40 @@ def check_fresh(last_sequence: dict[tuple[str, int], int], where: tuple[str, int
     last_sequence[where] = sequence
 
 
+@dataclass(frozen=True)
+class HeardBroadcast:
+    """A broadcast a sender received: the ego's capture time and pose it states, and when it arrived."""
+
+    capture_time: float
+    pose: np.ndarray  # (4, 4) T_world_from_ego
+    arrival_time: float
+
+
+def pose_ahead(heard: Sequence[HeardBroadcast], send_time: float, period: float | None, deadline_s: float
+               ) -> np.ndarray:
+    """The ego pose a sender projects a message it sends at `send_time` into: the ego's pose at the ego
+    frame that will fuse it, predicted from the broadcasts it heard (oldest first). The newest broadcast's
+    link delay says when the message arrives, and so (with the fusion deadline and the ego's frame `period`)
+    how many frames after that broadcast it is fused; the ego moves on by its last move (the last two
+    broadcasts), scaled to one period, per frame. With one broadcast, no period, or a message fused at the
+    newest broadcast's frame: that broadcast's pose."""
+    newest = heard[-1]
+    if len(heard) < 2 or not period or period <= 0:
+        return newest.pose
+    arrival = send_time + (newest.arrival_time - newest.capture_time)
+    frames = int(np.ceil((arrival - deadline_s - newest.capture_time) / period - 1e-6))
+    if frames <= 0:
+        return newest.pose
+    before = heard[-2]
+    move = invert(before.pose) @ newest.pose  # in the ego's frame, over the gap between the two broadcasts
+    share = period / (newest.capture_time - before.capture_time)
+    yaw = np.arctan2(move[1, 0], move[0, 0]) * share
+    step = np.eye(4)
+    step[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
+    step[:3, 3] = move[:3, 3] * share
+    return newest.pose @ np.linalg.matrix_power(step, frames)
+
+
 @dataclass
 class CommSession:
     agent: AgentSide  # the model's selection and codec
@@ -162,6 +196,11 @@ class CommSession:
     boxes: Callable[[torch.Tensor], list[np.ndarray]] | None = None
     motion: MotionSettings | None = None
     trackers: dict[tuple[str, int], MotionTracker] = field(default_factory=dict)
+    # `cooperation.project_ahead`: per (scenario, receiving sender) the broadcasts it accepted (the last two) and
+    # the shortest gap between two of them (the ego's frame period, as far as the sender can tell)
+    project_ahead: bool = False
+    heard_log: dict[tuple[str, int], list[HeardBroadcast]] = field(default_factory=dict)
+    heard_period: dict[tuple[str, int], float] = field(default_factory=dict)
 
     @classmethod
     def for_config(cls, agent: AgentSide, confidence: Callable[[torch.Tensor], torch.Tensor], cfg: ExperimentConfig,
@@ -176,7 +215,8 @@ class CommSession:
         if motion is not None and boxes is None:
             raise ConfigError("fusion.motion.enabled: motion compensation needs the senders' own detections")
         return cls(agent, confidence, cfg.comm, attack=attack, projector=projector, uncertainty=uncertainty,
-                   boxes=boxes if motion is not None else None, motion=motion)
+                   boxes=boxes if motion is not None else None, motion=motion,
+                   project_ahead=cfg.cooperation.project_ahead)
 
     def __post_init__(self) -> None:
         self.codec = self.agent.codec
@@ -253,19 +293,39 @@ class CommSession:
                 tx = newest_arrived(queue, deadline)
                 continue
             self.broadcasts[where] = [t for t in queue if t.capture_time >= tx.capture_time]
+            self._log_heard(where, HeardBroadcast(msg.capture_time, msg.pose, tx.complete_time))
             return msg, ready
         return None, ready
 
+    def _log_heard(self, where: tuple[str, int], broadcast: HeardBroadcast) -> None:
+        log = self.heard_log.setdefault(where, [])
+        if log and broadcast.capture_time <= log[-1].capture_time:
+            return
+        if log:
+            gap = broadcast.capture_time - log[-1].capture_time
+            self.heard_period[where] = min(gap, self.heard_period.get(where, gap))
+        log.append(broadcast)
+        del log[:-2]
+
+    def _projection_pose(self, where: tuple[str, int], heard: Message, send_time: float) -> np.ndarray:
+        """The ego pose a projecting sender projects into: the heard broadcast's, or with `project_ahead` the
+        one predicted for the ego frame that will fuse its message (`pose_ahead`)."""
+        log = self.heard_log.get(where)
+        if not self.project_ahead or not log or log[-1].capture_time != heard.capture_time:
+            return heard.pose
+        return pose_ahead(log, send_time, self.heard_period.get(where), self.cfg.channel.fusion_deadline_ms / 1e3)
+
     def _prepare_sender(self, view: AgentInput, heard: Message | None, T_world_from_ego: np.ndarray,
-                        frame_key: str) -> tuple[AgentInput, np.ndarray, bool, np.ndarray]:
+                        frame_key: str, ready: float) -> tuple[AgentInput, np.ndarray, bool, np.ndarray]:
         """The view the sender encodes, the pose of its frame as its message states it, whether it
         projected, and its own pose as its localisation gives it (noisy). With `project_first` and a
-        broadcast heard it moves its points into the ego pose of that broadcast, else it stays in its
-        own frame."""
+        broadcast heard it moves its points into the ego pose of that broadcast (with `project_ahead`: the
+        ego pose predicted for the frame that will fuse its message, sent when it goes on at `ready`), else it
+        stays in its own frame."""
         own = self.channel.noisy_pose(view.T_world_from_agent)
         if self.projector is None or heard is None or view.points is None:
             return view, own @ invert(view.T_world_from_agent) @ view.T_world_from_frame, False, own
-        frame = heard.pose
+        frame = self._projection_pose((frame_key.split("/")[0], view.sender), heard, ready)
         T_frame_from_own = invert(frame) @ own
         voxels = self.projector(view.points, T_frame_from_own, frame_key, view.sender)
         cameras = view.own_cameras.moved(T_frame_from_own) if view.own_cameras is not None else None
@@ -367,7 +427,7 @@ class CommSession:
         processing = self.cfg.channel.processing_ms / 1e3
         for view in views[1:]:
             msg, t_ready = self._heard(scenario, view) if self.broadcasting else (None, view.capture_time)
-            moved, pose, projected, own = self._prepare_sender(view, msg, T_world_from_ego, sample.frame_key)
+            moved, pose, projected, own = self._prepare_sender(view, msg, T_world_from_ego, sample.frame_key, t_ready)
             encoded.append(moved)
             owns.append(own)
             heard.append(msg)
