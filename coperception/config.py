@@ -462,13 +462,6 @@ class TrainConfig(Strict):
     # so the fusion learns from messages as old as a late channel delivers them (0: always the ego's frame)
     delay_frames: int = Field(0, ge=0)
     delay_probability: float = Field(0.5, ge=0, le=1)
-    # intermediate cooperation with `project_first`: each sender projects into the ego frame moved by a random
-    # offset (uniform within +-`frame_jitter_m` along x and y, +-`frame_jitter_deg` of yaw) and the ego warps
-    # its features back, as at evaluation when the ego pose a sender projected into is not the ego's pose at
-    # fusion (a late message): without it training only ever sees identity warps, and features resampled off
-    # the grid's lattice cost 9 points here (0.4 m offset, max fusion)
-    frame_jitter_m: float = Field(0.0, ge=0)
-    frame_jitter_deg: float = Field(0.0, ge=0)
 
 
 class EvalConfig(Strict):

@@ -131,8 +131,7 @@ class Trainer:
         mode = model.strategy.input_mode(training=True, project_first=cfg.cooperation.project_first)
         self.data = PreparedDataset(self.train_set, cfg.dataset, cfg.model, mode, model.assigner, cfg.train.augment,
                                     cfg.train.seed, training=True, delay_frames=cfg.train.delay_frames,
-                                    delay_probability=cfg.train.delay_probability,
-                                    frame_jitter=(cfg.train.frame_jitter_m, cfg.train.frame_jitter_deg))
+                                    delay_probability=cfg.train.delay_probability)
         if model.agent is not None and cfg.comm.codec == "codebook" and not resume \
                 and not bool(model.agent.codec.quantizer.initialised):  # type: ignore[union-attr]
             self.fit_codebook(model)

@@ -154,31 +154,3 @@ def test_attention_fusion_trains_and_evaluates_through_the_comm_session(opv2v_se
     fusion = entry["params"]["fusion"]
     assert (fusion["method"], fusion["options"], fusion["motion"]["enabled"]) == \
         ("attention", {"heads": 2, "key_channels": 8}, False)
-
-
-def _valid_points(voxels):
-    keep = np.arange(voxels.voxels.shape[1])[None] < voxels.num_points[:, None]
-    return voxels.voxels[keep][:, :3].astype(np.float64)
-
-
-def test_training_frame_jitter_projects_senders_into_the_moved_frame_the_warp_undoes(opv2v_set):
-    from coperception.datasets.collate import jittered_frames, prepare_sample
-    from coperception.datasets.readers import build_dataset
-    from coperception.geometry import transform_points
-
-    from test_train import TINY
-
-    cfg = load_config(None, [f"dataset.root={opv2v_set.root}", *TINY])
-    sample = build_dataset(cfg.dataset, "test")[0]
-    frames = jittered_frames(len(sample.agents), 2.0, 5.0, np.random.default_rng(3))
-    assert np.array_equal(frames[0], np.eye(4)) and all(abs(T[0, 3]) <= 2.0 and abs(T[1, 3]) <= 2.0 for T in frames)
-    plain = prepare_sample(sample, "projected", cfg.dataset, cfg.model)
-    moved = prepare_sample(sample, "projected", cfg.dataset, cfg.model, projection_frames=frames)
-    for k in range(1, len(sample.agents)):
-        np.testing.assert_allclose(moved.agents[k].T_ego_from_frame, frames[k])
-        back = transform_points(frames[k], _valid_points(moved.agents[k].voxels))  # frame -> ego, as the warp does
-        ref = _valid_points(plain.agents[k].voxels)
-        inner = [p[(np.abs(p[:, 0]) < 40) & (np.abs(p[:, 1]) < 18)] for p in (back, ref)]
-        assert abs(len(inner[0]) - len(inner[1])) <= 0.05 * len(inner[1])
-        np.testing.assert_allclose(inner[0][:, :2].mean(0), inner[1][:, :2].mean(0), atol=0.1)
-    assert np.array_equal(moved.agents[0].T_ego_from_frame, np.eye(4))

@@ -150,16 +150,13 @@ def z_shift(dz: float) -> np.ndarray:
 
 def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
                    targets: TargetFn | None = None, rng: np.random.Generator | None = None,
-                   training: bool = False, pillar_rng: np.random.Generator | None = None,
-                   projection_frames: Sequence[np.ndarray] | None = None) -> PreparedSample:
+                   training: bool = False, pillar_rng: np.random.Generator | None = None) -> PreparedSample:
     """Voxelize the views `mode` asks for and (with `targets`) assign training targets to the ground truth.
 
     With `rng`, training augmentation is applied to the whole cooperative scene in the ego frame:
     a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05].
     Views with more pillars than the cap (`voxel_cap`) keep a random subset, drawn from `pillar_rng` or,
-    without it, from a generator seeded by the frame (the same pillars on every evaluation).
-    `projection_frames` (`projected` mode, one (4, 4) per agent): agent k's points go into the frame whose
-    pose in the ego frame is `projection_frames[k]` instead of the ego frame itself (`jittered_frames`)."""
+    without it, from a generator seeded by the frame (the same pillars on every evaluation)."""
     frame_key = f"{sample.scenario}/{sample.frame}"
     cap = voxel_cap(mcfg, training)
     draw = pillar_rng if pillar_rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
@@ -195,14 +192,11 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                                 ego_time, sample.ego.T_world_from_agent, sample.ego.T_world_from_agent, points[0]))
     elif mode == "projected":
         for k, agent in enumerate(sample.agents):
-            frame = np.eye(4) if projection_frames is None else projection_frames[k]  # T_ego_from_frame
-            T = invert(frame) @ transforms[k]
-            projected = transform_points(T, points[k]).astype(np.float32) if k or projection_frames is not None \
-                else points[k]
-            views.append(AgentInput(_voxelize(projected, dcfg, mcfg), frame, int(agent.kind == "rsu"),
+            projected = transform_points(transforms[k], points[k]).astype(np.float32) if k else points[k]
+            views.append(AgentInput(_voxelize(projected, dcfg, mcfg), np.eye(4), int(agent.kind == "rsu"),
                                     float(ego_time - agent.capture_time), sender_id(agent.agent_id), agent.capture_time,
-                                    agent.T_world_from_agent, sample.ego.T_world_from_agent @ frame,
-                                    cameras=cameras[k].moved(T) if cameras[k] is not None else None))
+                                    agent.T_world_from_agent, sample.ego.T_world_from_agent,
+                                    cameras=cameras[k].moved(transforms[k]) if cameras[k] is not None else None))
     else:
         for k in range(n_views):
             agent = sample.agents[k]
@@ -218,21 +212,6 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                                     cams.moved(lift) if cams is not None else None,
                                     cams if sends_raw else None))
     return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
-
-
-def jittered_frames(agents: int, metres: float, degrees: float, rng: np.random.Generator) -> list[np.ndarray]:
-    """Per agent the (4, 4) pose in the ego frame of the frame it projects into (`prepare_sample`'s
-    `projection_frames`): the ego frame itself for the ego, for every other agent the ego frame moved by
-    x, y uniform in +-`metres` and a yaw uniform in +-`degrees`."""
-    frames = [np.eye(4)]
-    for _ in range(agents - 1):
-        dx, dy = rng.uniform(-metres, metres, 2)
-        yaw = np.deg2rad(rng.uniform(-degrees, degrees))
-        T = np.eye(4)
-        T[:2, :2] = [[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]]
-        T[:2, 3] = dx, dy
-        frames.append(T)
-    return frames
 
 
 @dataclass(frozen=True)

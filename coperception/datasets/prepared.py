@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from coperception.config import DatasetConfig, ModelConfig
-from coperception.datasets.collate import InputMode, PreparedSample, TargetFn, jittered_frames, prepare_sample
+from coperception.datasets.collate import InputMode, PreparedSample, TargetFn, prepare_sample
 from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.types import CooperativeSample
 
@@ -22,16 +22,14 @@ class PreparedDataset(Dataset):
     kept above the cap are drawn from the same (seed, epoch, index) generator (after the augmentation).
     With `delay_frames` (training), a sample's senders come, with `delay_probability`, from 1..`delay_frames`
     frames earlier (drawn from a generator of the same (seed, epoch, index) beside the augmentation's; a
-    sender without such a frame stays current). With `frame_jitter` (metres, degrees; training, `projected`)
-    each sender projects into a randomly moved ego frame (`jittered_frames`, a third generator)."""
+    sender without such a frame stays current)."""
 
     def __init__(self, inner: CooperativeDataset, dataset: DatasetConfig, model: ModelConfig, mode: InputMode,
                  targets: TargetFn | None = None, augment: bool = False, seed: int = 0, training: bool = False,
-                 delay_frames: int = 0, delay_probability: float = 0.0, frame_jitter: tuple[float, float] = (0.0, 0.0)):
+                 delay_frames: int = 0, delay_probability: float = 0.0):
         self.inner, self.dataset, self.model, self.mode = inner, dataset, model, mode
         self.targets, self.augment, self.seed, self.training = targets, augment, seed, training
         self.delay_frames, self.delay_probability = delay_frames, delay_probability
-        self.frame_jitter = frame_jitter
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -44,13 +42,8 @@ class PreparedDataset(Dataset):
             delay_rng = np.random.default_rng([self.seed, self.epoch, index, 1])  # leaves the augmentation draws as they were
             if delay_rng.random() < self.delay_probability:
                 sample = delayed_senders(sample, int(delay_rng.integers(1, self.delay_frames + 1)))
-        frames = None
-        if any(self.frame_jitter) and rng is not None:
-            frames = jittered_frames(len(sample.agents), *self.frame_jitter,
-                                     np.random.default_rng([self.seed, self.epoch, index, 2]))
         return prepare_sample(sample, self.mode, self.dataset, self.model, self.targets,
-                              rng if self.augment else None, self.training, pillar_rng=rng if self.training else None,
-                              projection_frames=frames)
+                              rng if self.augment else None, self.training, pillar_rng=rng if self.training else None)
 
 
 def delayed_senders(sample: CooperativeSample, frames: int) -> CooperativeSample:

@@ -201,14 +201,9 @@ class IntermediateFusion(Strategy):
             own = feats.detach()  # the head learns beside the detector, not through it
             hidden = model.uncertainty.body(own)  # once: for what the senders send and for the head's training pass
             delivery.uncertainty = as_sent(model.uncertainty.estimate(own, hidden.detach()))
-            # views in their sample's frame (all of them when senders project first, unless training moved the
-            # frame they project into: `train.frame_jitter_m`) train the head on its targets
-            if model.project_first:
-                T = batch.T_ego_from_agent.to(feats.device)
-                aligned = (T - torch.eye(4, dtype=T.dtype, device=T.device)).abs().flatten(1).amax(dim=1) < 1e-6
-                views = torch.nonzero(aligned | batch.is_ego.to(feats.device), as_tuple=True)[0]
-            else:
-                views = batch.ego_index.to(feats.device)
+            # views in their sample's frame (all of them when senders project first) train the head on its targets
+            views = torch.arange(len(feats), device=feats.device) if model.project_first else \
+                batch.ego_index.to(feats.device)
             logits, log_var = model.uncertainty.one_pass(hidden[views])
             terms = UncertaintyTerms(logits, log_var, model.head(own[views]),
                                      batch.sample_of_view().to(feats.device)[views])
