@@ -78,6 +78,8 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
     runs = tmp_path / "runs"
     train(comm_config(opv2v_set, runs / "max", "cooperation.strategy=intermediate", "train.max_steps=2"), progress=False)
     (runs / "max" / "last.pt").rename(runs / "max" / "best.pt")
+    train(comm_config(opv2v_set, runs / "early", "cooperation.strategy=early", "train.max_steps=1"), progress=False)
+    (runs / "early" / "last.pt").rename(runs / "early" / "best.pt")
     ego = tmp_path / "ego"
     train(comm_config(opv2v_set, ego, "cooperation.strategy=none", "train.max_steps=1"), progress=False)
     sets = [a for s in [f"dataset.root={opv2v_set.root}", "dataset.eval_split=test", "dataset.val_split=test",
@@ -89,19 +91,26 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
                                       "--out", str(out), "--fusions", "max,uncertainty_trust,anchor", "--epochs", "1", *sets])
     assert result.exit_code == 0, result.output
     rep = json.loads((out / "fusion.json").read_text())
-    assert set(rep["rows"]) == {"late", "late + motion", "max", "max + motion", "uncertainty_trust",
+    assert set(rep["rows"]) == {"late", "late + motion", "early", "max", "max + motion", "uncertainty_trust",
                                 "uncertainty_trust + motion", "anchor-centric", "anchor-centric + motion"}
     assert len(rep["conditions"]) == 7 and {"none", "late", "max", "uncertainty_trust"} <= set(rep["methods"])
     for label, row in rep["rows"].items():
         assert list(row["conditions"]) == rep["conditions"]
         clean = row["conditions"]["clean"]
         assert clean["bytes_per_agent_frame"] > 0
-        assert label.startswith("late") or clean["ms"]["fusion"] > 0  # late fusion merges boxes: no fusion network
+        # late fusion merges boxes, early fusion detects from one cloud: no fusion network
+        assert label.startswith(("late", "early")) or clean["ms"]["fusion"] > 0
         assert set(row["loss_vs_clean"]) == set(rep["conditions"][1:])
     assert rep["rows"]["uncertainty_trust + motion"]["conditions"]["clean"]["ms"].keys() >= {"sender_uncertainty",
                                                                                               "sender_motion"}
     # the motion section costs bytes; the uncertainty the trust fusion uses too
     rows = rep["rows"]
+    early = rows["early"]["conditions"]  # its points go through the channel: a lossy link delivers fewer bytes
+    assert early["30 % burst loss"]["bytes_per_agent_frame"] < early["clean"]["bytes_per_agent_frame"]
+    assert early["clean"]["mean_fused_age_s"] == 0.0
+    for delay in (0.1, 0.2, 0.4):  # the test scenes are short: a late message may never arrive in one
+        age = early[f"delay {delay * 1000:.0f} ms"]["mean_fused_age_s"]
+        assert age is None or age == pytest.approx(delay)
     assert rows["max + motion"]["conditions"]["clean"]["bytes_per_frame"] >= rows["max"]["conditions"]["clean"]["bytes_per_frame"]
     assert rows["uncertainty_trust"]["conditions"]["clean"]["bytes_per_agent_frame"] > \
         rows["max"]["conditions"]["clean"]["bytes_per_agent_frame"]
