@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import torch
 
@@ -32,7 +32,7 @@ from coperception.pipeline.late_exchange import LateSession
 if TYPE_CHECKING:
     from coperception.fusion.anchor_centric import AnchorFusion
     from coperception.pipeline.anchor_exchange import AnchorSession, AnchorTerms
-    from coperception.pipeline.session import CommSession, EncodedViews, HeldMessage
+    from coperception.pipeline.session import CommSession, EncodedViews, FrameComm, HeldMessage
 
 
 class CooperativeParts(Protocol):
@@ -87,6 +87,19 @@ class StrategyOutput:
     rejected: dict[str, int] | None = None  # messages the ego refused on arrival, by reason (whole batch)
     held: list[list["HeldMessage"]] | None = None  # per sample, the cell messages the ego fused
 
+    @classmethod
+    def of_frames(cls, detections: list[Detections], frames: "Sequence[FrameComm]", broadcast: bool = False
+                  ) -> "StrategyOutput":
+        """Per sample detections and what each frame's messages cost (`broadcast`: the ego broadcast and its
+        cell messages are reported too)."""
+        rejected: Counter[str] = Counter()
+        for frame in frames:
+            rejected.update(frame.rejected)
+        return cls(detections, [list(f.delivered_bytes.values()) for f in frames],
+                   [f.broadcast_bytes for f in frames] if broadcast else None,
+                   [list(f.fused_ages.values()) for f in frames], dict(rejected),
+                   [f.held for f in frames] if broadcast else None)
+
 
 class Strategy:
     name: ClassVar[str]
@@ -137,17 +150,9 @@ class EarlyFusion(Strategy):
                ) -> StrategyOutput:
         if not isinstance(session, EarlySession):
             raise ValueError("early fusion delivers its points through an EarlySession")
-        views, sizes, ages = [], [], []
-        rejected: Counter[str] = Counter()
-        for p in prepared:
-            view, stats = session.deliver_points(p)
-            views.append([view])
-            sizes.append(list(stats.delivered_bytes.values()))
-            ages.append(list(stats.fused_ages.values()))
-            rejected.update(stats.rejected)
-        out = model.head(model.encode(views_batch(views).to(model.anchors.device)))
-        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, None, ages,
-                              dict(rejected))
+        views, frames = zip(*(session.deliver_points(p) for p in prepared))
+        out = model.head(model.encode(views_batch([[v] for v in views]).to(model.anchors.device)))
+        return StrategyOutput.of_frames(decode_detections(out, model.anchors, score_threshold, nms_threshold), frames)
 
 
 @STRATEGIES.register("late")
@@ -164,15 +169,9 @@ class LateFusion(Strategy):
         if not isinstance(session, LateSession):
             raise ValueError("late fusion delivers its boxes through a LateSession")
         per_view = decode_detections(model.head(model.encode(batch)), model.anchors, score_threshold, nms_threshold)
-        detections, sizes, ages = [], [], []
-        rejected: Counter[str] = Counter()
-        for p, start, n in zip(prepared, batch.ego_index.tolist(), batch.record_len):
-            merged, stats = session.deliver_boxes(p, per_view[start:start + n], nms_threshold)
-            detections.append(merged)
-            sizes.append(list(stats.delivered_bytes.values()))
-            ages.append(list(stats.fused_ages.values()))
-            rejected.update(stats.rejected)
-        return StrategyOutput(detections, sizes, None, ages, dict(rejected))
+        detections, frames = zip(*(session.deliver_boxes(p, per_view[start:start + n], nms_threshold)
+                                   for p, start, n in zip(prepared, batch.ego_index.tolist(), batch.record_len)))
+        return StrategyOutput.of_frames(list(detections), frames)
 
 
 @STRATEGIES.register("intermediate")
@@ -220,16 +219,7 @@ class IntermediateFusion(Strategy):
 
         # sample by sample: the ego encodes and broadcasts first, each sender encodes what it made of
         # the broadcast it received (a projection into that ego pose) — `batch` holds the unprojected views
-        deliveries, sizes, requests, ages, held = [], [], [], [], []
-        rejected: Counter[str] = Counter()
-        for p in prepared:
-            delivery, stats = session.deliver(p, encode)
-            deliveries.append(delivery)
-            sizes.append(list(stats.delivered_bytes.values()))
-            requests.append(stats.broadcast_bytes)
-            ages.append(list(stats.fused_ages.values()))
-            held.append(stats.held)
-            rejected.update(stats.rejected)
-        out = model.receive(Delivery.cat(deliveries))
-        return StrategyOutput(decode_detections(out, model.anchors, score_threshold, nms_threshold), sizes, requests, ages,
-                              rejected, held)
+        deliveries, frames = zip(*(session.deliver(p, encode) for p in prepared))
+        out = model.receive(Delivery.cat(list(deliveries)))
+        return StrategyOutput.of_frames(decode_detections(out, model.anchors, score_threshold, nms_threshold), frames,
+                                        broadcast=True)
