@@ -1,8 +1,8 @@
 """Attention fusion: per cell, the ego's feature attends over every agent's feature at that cell.
 
 Scaled dot-product attention with `heads` heads; the query is a projection of the ego's feature, the
-keys projections of each agent's feature (of the cell alone, or of its neighbourhood: `context`) plus a learned embedding of its kind (vehicle, roadside
-unit) and of its message age.
+keys projections of each agent's feature (of the cell alone, or of its neighbourhood: `context`) plus a
+learned embedding of its kind (vehicle, roadside unit) and of its message age.
 
 With `base: none` the values are the agents' features themselves and the output is their attention-
 weighted mean, so a cell that only the ego covers keeps the ego's feature exactly. With `base: max`
