@@ -20,7 +20,8 @@ from test_train import TINY
 
 def _cloud(n, seed=0):
     rng = np.random.default_rng(seed)
-    return np.column_stack([rng.uniform(-120, 120, (n, 2)), rng.uniform(-3, 2, n), rng.uniform(0, 1, n)]).astype(np.float32)
+    xy, z, intensity = rng.uniform(-120, 120, (n, 2)), rng.uniform(-3, 2, n), rng.uniform(0, 1, n)
+    return np.column_stack([xy, z, intensity]).astype(np.float32)
 
 
 def _pose(x=10.0, y=-4.0, yaw=0.3):

@@ -23,7 +23,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from coperception.comm.kinds import MalformedMessage
-from coperception.comm.wire import _CRC, _MAC, FLAG_HMAC, CRCError, pose_fields, pose_from_fields, seal, verify_signature
+from coperception.comm.wire import (_CRC, _MAC, FLAG_HMAC, CRCError, pose_fields, pose_from_fields, seal,
+                                   verify_signature)
 
 POINT_MAGIC = b"CP"
 POINT_VERSION = 1
