@@ -20,12 +20,11 @@ import numpy as np
 from coperception.comm.anchor_wire import AnchorMessage, encode_anchor_message
 from coperception.comm.channel import Channel, Transmission
 from coperception.comm.keys import load_keys
-from coperception.comm.kinds import MalformedMessage
 from coperception.config import ExperimentConfig, MotionSettings
 from coperception.datasets.collate import AgentInput
 from coperception.fusion.motion import MotionTracker
 from coperception.geometry import invert, transform_boxes
-from coperception.pipeline.session import held_message, newest_to_fuse
+from coperception.pipeline.session import receive_newest
 
 
 @dataclass
@@ -88,16 +87,11 @@ class BoxLink:
         T_ego_from_world = invert(views[0].T_world_from_agent)
         for view in views[1:]:
             where = (scenario, view.sender)
-            tx = newest_to_fuse(self.queues, where, ego_time, self.cfg.comm.channel)
-            if tx is None:
+            received = receive_newest(self.queues, self.held, self.last_sequence, where, ego_time, self.cfg.comm,
+                                      self.keys is not None, lambda t: decode(t.deliveries[0].packet), rejected)
+            if received is None:
                 continue
-            try:
-                msg = held_message(self.held, self.last_sequence, tx, where, ego_time, self.cfg.comm, self.keys is not None,
-                                   lambda t: decode(t.deliveries[0].packet))
-            except MalformedMessage as exc:
-                rejected[type(exc).__name__] += 1
-                self.queues[where].remove(tx)
-                continue
+            msg = received[1]
             age = ego_time - msg.capture_time
             T = T_ego_from_world @ msg.pose
             boxes = transform_boxes(T, msg.boxes) if len(msg.boxes) else np.zeros((0, 7))

@@ -17,12 +17,11 @@ import numpy as np
 
 from coperception.comm.channel import Channel, Transmission
 from coperception.comm.keys import load_keys
-from coperception.comm.kinds import MalformedMessage
 from coperception.comm.point_wire import PointMessage, decode_point_packets, encode_point_message
 from coperception.config import ExperimentConfig
 from coperception.datasets.collate import AgentInput, PreparedSample, Projector
 from coperception.geometry import invert, transform_points
-from coperception.pipeline.session import FrameComm, held_message, newest_to_fuse
+from coperception.pipeline.session import FrameComm, receive_newest
 
 
 @dataclass
@@ -76,16 +75,11 @@ class EarlySession:
         T_ego_from_world = invert(T_world_from_ego)
         for sender in delivered:
             where = (scenario, sender)
-            tx = newest_to_fuse(self.queues, where, ego.capture_time, self.cfg.comm.channel)
-            if tx is None:
+            received = receive_newest(self.queues, self.held, self.last_sequence, where, ego.capture_time,
+                                      self.cfg.comm, self.keys is not None, self._decode, rejected)
+            if received is None:
                 continue
-            try:
-                msg = held_message(self.held, self.last_sequence, tx, where, ego.capture_time, self.cfg.comm,
-                                   self.keys is not None, self._decode)
-            except MalformedMessage as exc:
-                rejected[type(exc).__name__] += 1
-                self.queues[where].remove(tx)
-                continue
+            msg = received[1]
             ages[sender] = ego.capture_time - msg.capture_time
             clouds.append(transform_points(T_ego_from_world @ msg.pose, msg.points))
         return np.concatenate(clouds).astype(np.float32), FrameComm(delivered, 0, ages, dict(rejected))

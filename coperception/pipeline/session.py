@@ -127,6 +127,24 @@ def held_message(held: dict[tuple[str, int], tuple[Transmission, T_msg]], last_s
     return msg
 
 
+def receive_newest(queues: dict[tuple[str, int], list[Transmission]],
+                   held: dict[tuple[str, int], tuple[Transmission, T_msg]], last_sequence: dict[tuple[str, int], int],
+                   where: tuple[str, int], ego_time: float, comm: CommConfig, authenticated: bool,
+                   decode: Callable[[Transmission], T_msg], rejected: Counter[str]) -> tuple[Transmission, T_msg] | None:
+    """What the ego fuses from link `where` at `ego_time`: the newest transmission that arrived in time
+    (`newest_to_fuse`) and its message (`held_message`). None when nothing arrived, or when that message is
+    refused: it leaves the queue and is counted in `rejected` by reason, and the ego goes on without it."""
+    tx = newest_to_fuse(queues, where, ego_time, comm.channel)
+    if tx is None:
+        return None
+    try:
+        return tx, held_message(held, last_sequence, tx, where, ego_time, comm, authenticated, decode)
+    except MalformedMessage as exc:
+        rejected[type(exc).__name__] += 1
+        queues[where].remove(tx)
+        return None
+
+
 def check_fresh(last_sequence: dict[tuple[str, int], int], where: tuple[str, int], sender: int, sequence: int,
                 capture_time: float, ego_time: float, comm: CommConfig) -> None:
     """An authenticated message must be newer than the last one accepted from its sender (`ReplayedMessage`)
@@ -243,12 +261,11 @@ class CommSession:
         """The sender's signing key (None: it has none and sends unsigned, which a keyed ego refuses)."""
         return self.keys.get(sender) if self.keys is not None else None
 
-    def _receive(self, tx: Transmission, where: tuple[str, int], ego_time: float) -> Message:
-        """The message of `tx`, verified and validated; with keys also signed, fresh and newer than the
-        last one accepted from its sender. Raises `MalformedMessage` (or a subclass) otherwise."""
-        return held_message(self.held, self.last_sequence, tx, where, ego_time, self.cfg, self.keys is not None,
-                            lambda t: decode_packets([d.packet for d in t.deliveries], keys=self.keys,
-                                                     require_auth=self.keys is not None, expected=self.expected))
+    def _decode(self, tx: Transmission) -> Message:
+        """The message of `tx`, verified and validated (with keys also signed). Raises `MalformedMessage` (or a
+        subclass) otherwise."""
+        return decode_packets([d.packet for d in tx.deliveries], keys=self.keys, require_auth=self.keys is not None,
+                              expected=self.expected)
 
     @property
     def broadcasting(self) -> bool:
@@ -472,15 +489,11 @@ class CommSession:
         checks = self.cfg.consistency
         ego_free = free_space(pillar_points(views[0].voxels), self.grid, checks.ground_z) if checks.enabled else None
         for view in views[1:]:
-            tx = newest_to_fuse(self.queues, (scenario, view.sender), ego_time, self.cfg.channel)
-            if tx is None:  # nothing arrived, or too old to help: the ego detects without this sender
+            received = receive_newest(self.queues, self.held, self.last_sequence, (scenario, view.sender), ego_time,
+                                      self.cfg, self.keys is not None, self._decode, rejected)
+            if received is None:  # nothing arrived, too old to help, or refused: the ego detects without it
                 continue
-            try:
-                msg = self._receive(tx, (scenario, view.sender), ego_time)
-            except MalformedMessage as exc:  # this sender's message is dropped; the ego goes on with the rest
-                rejected[type(exc).__name__] += 1
-                self.queues[(scenario, view.sender)].remove(tx)
-                continue
+            tx, msg = received
             f, arrived, unc = self._rebuild(codec, msg, feats[0])
             T_ego_from_sender = invert(T_world_from_ego) @ msg.pose
             if ego_free is not None:
