@@ -9,13 +9,10 @@ from coperception.comm.kinds import MalformedMessage
 from coperception.comm.point_wire import (POINT_HEADER, PointMessage, decode_point_packet, decode_point_packets,
                                           encode_point_message, point_message_size, points_per_packet)
 from coperception.comm.wire import AuthenticationError, CRCError
-from coperception.config import load_config
-from coperception.datasets.collate import prepare_sample
-from coperception.datasets.readers import build_dataset
 from coperception.geometry import transform_points
 from coperception.pipeline.early_exchange import EarlySession
 
-from test_train import TINY
+from test_late_fusion import consecutive_frames
 
 
 def _cloud(n, seed=0):
@@ -82,12 +79,8 @@ def test_bad_point_packets_are_refused_by_name():
         encode_point_message(PointMessage(2, 8, 1.3, np.eye(4), np.array([[400.0, 0, 0, 0.5]])), mtu=1200)
 
 
-def _frames(opv2v_set, n=3):
-    cfg = load_config(None, [f"dataset.root={opv2v_set.root}", *TINY, "cooperation.strategy=early"])
-    data = build_dataset(cfg.dataset, "test")
-    samples = [data[i] for i in range(n)]  # consecutive frames of the first scenario
-    assert len(samples[0].agents) >= 2
-    return cfg, [prepare_sample(s, "merged", cfg.dataset, cfg.model) for s in samples]
+def _frames(opv2v_set):
+    return consecutive_frames(opv2v_set, "early", "merged")
 
 
 def test_senders_points_arrive_in_the_ego_frame_at_their_measured_size(opv2v_set):

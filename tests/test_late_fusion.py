@@ -16,12 +16,13 @@ from coperception.pipeline.late_exchange import LateSession, boxes_that_fit
 from test_train import TINY
 
 
-def _frames(opv2v_set, n=3):
-    cfg = load_config(None, [f"dataset.root={opv2v_set.root}", *TINY, "cooperation.strategy=late"])
+def consecutive_frames(opv2v_set, strategy="late", mode="all", n=3):
+    """The config of `strategy` on the test set and its first `n` frames (of the first scenario), prepared in `mode`."""
+    cfg = load_config(None, [f"dataset.root={opv2v_set.root}", *TINY, f"cooperation.strategy={strategy}"])
     data = build_dataset(cfg.dataset, "test")
     samples = [data[i] for i in range(n)]  # consecutive frames of the first scenario
     assert len(samples[0].agents) >= 2
-    return cfg, [prepare_sample(s, "all", cfg.dataset, cfg.model) for s in samples]
+    return cfg, [prepare_sample(s, mode, cfg.dataset, cfg.model) for s in samples]
 
 
 def _detections(prepared, seed):
@@ -36,7 +37,7 @@ def _detections(prepared, seed):
 
 
 def test_senders_boxes_arrive_in_the_ego_frame_at_their_measured_size(opv2v_set):
-    cfg, frames = _frames(opv2v_set)
+    cfg, frames = consecutive_frames(opv2v_set)
     session = LateSession(cfg=cfg)
     p = frames[0]
     dets = _detections(p, 0)
@@ -55,7 +56,7 @@ def test_senders_boxes_arrive_in_the_ego_frame_at_their_measured_size(opv2v_set)
 
 
 def test_lost_messages_leave_the_ego_alone_and_late_ones_are_old(opv2v_set):
-    cfg, frames = _frames(opv2v_set)
+    cfg, frames = consecutive_frames(opv2v_set)
     lossy = cfg.variant(channel={"loss_rate": 1.0, "mean_burst_packets": 1.0})
     p = frames[0]
     dets = _detections(p, 1)
