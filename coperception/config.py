@@ -356,9 +356,13 @@ class MotionSettings(Strict):
     enabled: bool = False
     min_speed_mps: float = Field(1.0, ge=0)  # slower objects are not sent (they would not move a cell)
     max_speed_mps: float = Field(40.0, gt=0)  # the matching gate between a sender's frames
-    smoothing: float = Field(0.5, gt=0, le=1)  # weight of the newest frame in a track's velocity
+    # a track's velocity: the least-squares slope of its positions over its last `window` frames
+    window: int = Field(10, ge=2)
+    # a track seen fewer times keeps only its velocity along its detected heading (1: never)
+    heading_below: int = Field(6, ge=1)
     max_gap_s: float = Field(0.35, gt=0)  # a longer gap between a sender's frames restarts its tracks
-    margin_m: float = Field(0.5, ge=0)  # footprints grow by this much on every side
+    margin_m: float = Field(1.0, ge=0)  # footprints grow by this much on every side (0.5: worse on validation)
+    snap_to_cells: bool = True  # the ego moves an object by whole feature cells (`fusion.motion.compensate`)
     # at most this many moving objects (the fastest) per message: their 9 bytes each ride in the first packet
     max_objects: int = Field(48, ge=1, le=255)
 

@@ -152,6 +152,20 @@ def test_a_message_moved_by_a_known_motion_lands_in_the_right_cells():
     torch.testing.assert_close(fresh, still)
 
 
+def test_a_move_snapped_to_whole_cells_keeps_the_features_intact():
+    grid = BEVGrid(-8.0, -4.0, 1.0, 8, 16)
+    feats = torch.zeros(2, 1, 8, 16)
+    feats[1, 0, 4, 3] = 5.0
+    T = torch.stack([torch.eye(4), torch.eye(4)])
+    car = torch.tensor([[-4.5, 0.5, 9.0, 0.0, 1.0, 1.0, 0.0]])  # 0.4 s at 9 m/s: 3.6 m, not a whole cell
+    age = torch.tensor([0.0, 0.4])
+    snapped, valid = warp_to_ego(feats, [2], T, grid, None, [None, car], age, margin=0.5)
+    assert snapped[0, 1, 0, 4, 7] == pytest.approx(5.0)  # moved 4 cells, its value whole
+    assert abs(snapped[0, 1, 0, 4, 6]) < 1e-4 and abs(snapped[0, 1, 0, 4, 8]) < 1e-4 and not valid[0, 1, 4, 3]
+    blurred, _ = warp_to_ego(feats, [2], T, grid, None, [None, car], age, margin=0.5, snap=False)
+    assert 0 < blurred[0, 1, 0, 4, 7] < 5.0 and 0 < blurred[0, 1, 0, 4, 6] < 5.0  # split between two cells
+
+
 def test_compensate_without_objects_is_the_identity():
     grid = BEVGrid(-4.0, -4.0, 1.0, 8, 8)
     sampling = torch.rand(2, 8, 8, 2) * 2 - 1
@@ -161,7 +175,7 @@ def test_compensate_without_objects_is_the_identity():
 
 
 def test_sender_tracker_estimates_velocity_from_its_own_frames():
-    tracker = MotionTracker(MotionSettings(smoothing=0.5))
+    tracker = MotionTracker(MotionSettings())
     rng = np.random.default_rng(0)
     start = np.array([[0.0, 0.0], [20.0, 5.0], [-10.0, 3.0]])
     velocity = np.array([[12.0, 0.0], [0.0, -8.0], [0.0, 0.0]])
@@ -172,6 +186,30 @@ def test_sender_tracker_estimates_velocity_from_its_own_frames():
     np.testing.assert_allclose(estimate, velocity[order], atol=0.6)
     # a gap longer than max_gap_s restarts the tracks (objects at rest until seen twice again)
     assert (tracker.update(start, 5.0) == 0).all()
+
+
+def test_tracker_fits_velocity_over_its_window_coasts_through_misses_and_uses_heading_when_young():
+    rng = np.random.default_rng(1)
+    truth = np.array([[10.0, 0.0], [0.0, 0.0]])  # a car at 10 m/s along x, a parked one
+    start = np.array([[0.0, 0.0], [30.0, 10.0]])
+    noise = 0.3  # metres: one frame's difference alone would be off by ~4 m/s
+    tracker = MotionTracker(MotionSettings(window=10, heading_below=1))
+    for k in range(12):
+        if k == 6:  # the detector misses the moving car once: its track coasts, not restarts
+            tracker.update(start[1:] + rng.normal(0, noise, (1, 2)), 0.1 * k)
+            continue
+        estimate = tracker.update(start + truth * 0.1 * k + rng.normal(0, noise, (2, 2)), 0.1 * k)
+    np.testing.assert_allclose(estimate, truth, atol=1.2)
+    assert tracker.seen[0] == 11  # one track through the miss
+    # a young track keeps only its velocity along the detected heading: lateral noise is gone
+    young = MotionTracker(MotionSettings(heading_below=6))
+    young.update(np.array([[0.0, 0.0]]), 0.0, np.array([0.0]))
+    v = young.update(np.array([[1.0, 0.4]]), 0.1, np.array([np.pi]))  # yaw pi: the same axis as 0
+    np.testing.assert_allclose(v, [[10.0, 0.0]], atol=1e-9)
+    # a matched track never takes a detection beyond the fastest object's reach
+    far = MotionTracker(MotionSettings(max_speed_mps=20.0))
+    far.update(np.array([[0.0, 0.0]]), 0.0)
+    assert (far.update(np.array([[3.0, 0.0]]), 0.1) == 0).all() and far.seen[0] == 1
 
 
 def test_moving_objects_are_stated_in_the_message_frame():

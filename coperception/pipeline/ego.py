@@ -62,11 +62,11 @@ class EgoSide(nn.Module):
     moving late messages forward by their age when they carry motion, then the configured fusion ->
     (B, C, H, W)."""
 
-    def __init__(self, fusion: Fusion, grid: BEVGrid, motion_margin: float = 0.5):
+    def __init__(self, fusion: Fusion, grid: BEVGrid, motion_margin: float = 1.0, motion_snap: bool = True):
         super().__init__()
         self.fusion = fusion
         self.grid = grid
-        self.motion_margin = motion_margin
+        self.motion_margin, self.motion_snap = motion_margin, motion_snap
 
     def forward(self, delivery: Delivery, confidence: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> torch.Tensor:
@@ -78,7 +78,8 @@ class EgoSide(nn.Module):
         carried = d.features
         if self.fusion.needs_uncertainty and d.uncertainty is not None:
             carried = torch.cat([carried, d.uncertainty.to(device, carried.dtype)], dim=1)
-        warped, valid = warp_to_ego(carried, d.record_len, T, self.grid, d.arrived, d.motion, d.age, self.motion_margin)
+        warped, valid = warp_to_ego(carried, d.record_len, T, self.grid, d.arrived, d.motion, d.age,
+                                    self.motion_margin, self.motion_snap)
         warped, uncertainty = warped[:, :, :C], (warped[:, :, C:] if warped.shape[2] > C else None)
         eye = torch.eye(4, dtype=T.dtype, device=device)
         conf = None
