@@ -47,7 +47,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in ("arch", "model") if not isinstance(data.get(k), dict)]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)} (an incomplete or foreign file)")
+    if isinstance(data.get("config"), dict):
+        drop_retired_settings(data["config"])
     return data
+
+
+# evaluation-time settings a stored config may hold that no longer exist (they change no weight): dropped
+# when a checkpoint is read, so its model still evaluates; a YAML config that names them is still refused
+RETIRED_SETTINGS = (("fusion", "motion", "smoothing"),)  # the tracker's smoothing, now a least-squares `window`
+
+
+def drop_retired_settings(config: dict[str, Any]) -> None:
+    """Remove `RETIRED_SETTINGS` from a stored config, in place."""
+    for *parents, name in RETIRED_SETTINGS:
+        section: Any = config
+        for key in parents:
+            section = section.get(key) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(name, None)
 
 
 def require_fields(path: str | Path, data: dict[str, Any], fields: tuple[str, ...]) -> None:

@@ -151,3 +151,17 @@ def test_a_failed_write_leaves_neither_a_half_file_nor_a_temp_file(tmp_path, mon
     with pytest.raises(OutputError, match="No space left"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_a_retired_setting_in_a_stored_config_is_dropped_but_refused_in_a_yaml(tmp_path):
+    from coperception.config import config_from_dict
+
+    cfg = load_config(None, ["cooperation.strategy=none"])
+    stored = cfg.model_dump(mode="json")
+    stored["fusion"]["motion"]["smoothing"] = 0.5  # written by checkpoints before the least-squares tracker
+    save_checkpoint(tmp_path / "old.pt", arch={}, model={}, extra={"config": stored})
+    loaded = load_checkpoint(tmp_path / "old.pt")["config"]
+    assert "smoothing" not in loaded["fusion"]["motion"]
+    assert config_from_dict(loaded, [], "old.pt").fusion.motion.window == cfg.fusion.motion.window
+    with pytest.raises(ConfigError, match="smoothing"):
+        load_config(None, ["fusion.motion.smoothing=0.5"])
