@@ -356,7 +356,7 @@ class MotionSettings(Strict):
     enabled: bool = False
     min_speed_mps: float = Field(1.0, ge=0)  # slower objects are not sent (they would not move a cell)
     max_speed_mps: float = Field(40.0, gt=0)  # the matching gate between a sender's frames
-    # a track's velocity: the least-squares slope of its positions over its last `window` frames
+    # a track's velocity: the least-squares slope of its last `window` positions
     window: int = Field(10, ge=2)
     # a track seen fewer times keeps only its velocity along its detected heading (1: never)
     heading_below: int = Field(6, ge=1)
