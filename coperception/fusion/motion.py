@@ -24,16 +24,27 @@ from coperception.grid import BEVGrid
 
 @dataclass
 class MotionTracker:
-    """One sender's tracks: each one's positions over its last `window` frames (world frame, NaN where not
-    seen), velocity, when it was last seen and how often. A track missed by the detector coasts (kept,
-    predicted forward) until it has gone unseen for longer than `max_gap_s`."""
+    """One sender's tracks: each one's positions over its last `window` sightings (world frame, NaN where not
+    seen; the newest in the last slot), velocity and how often it was seen. A track missed by the detector
+    coasts (kept, predicted forward) until it has gone unseen for longer than `max_gap_s`."""
 
     settings: MotionSettings
-    centres: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     velocities: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-    last_seen: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    history: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 3)))  # (tracks, window, t x y), NaN: unseen
+    history: np.ndarray = field(init=False)  # (tracks, window, 3): time, x, y
+
+    def __post_init__(self) -> None:
+        self.history = np.zeros((0, self.settings.window, 3))
+
+    @property
+    def centres(self) -> np.ndarray:
+        """(tracks, 2) where each track was last seen."""
+        return self.history[:, -1, 1:]
+
+    @property
+    def last_seen(self) -> np.ndarray:
+        """(tracks,) when each track was last seen."""
+        return self.history[:, -1, 0]
 
     def update(self, centres: np.ndarray, time: float, headings: np.ndarray | None = None) -> np.ndarray:
         """Detections of a new frame, (M, 2) world x/y at `time` -> their (M, 2) velocity (m/s): matched
@@ -49,7 +60,7 @@ class MotionTracker:
         seen = np.ones(len(centres), dtype=np.int64)
         gap = time - self.last_seen
         alive = (gap > 0) & (gap <= s.max_gap_s)  # a clock going back restarts every track
-        matched = np.zeros(len(self.centres), dtype=bool)
+        matched = np.zeros(len(gap), dtype=bool)
         if alive.any() and len(centres):
             predicted = self.centres + self.velocities * gap[:, None]
             cost = np.linalg.norm(centres[:, None] - predicted[None], axis=-1)
@@ -66,11 +77,9 @@ class MotionTracker:
             axis = np.column_stack([np.cos(headings), np.sin(headings)]).reshape(-1, 2)[young]
             velocities[young] = (velocities[young] * axis).sum(axis=1, keepdims=True) * axis
         coast = alive & ~matched
-        self.centres = np.concatenate([centres, self.centres[coast]])
         self.velocities = np.concatenate([velocities, self.velocities[coast]])
         self.seen = np.concatenate([seen, self.seen[coast]])
-        self.last_seen = np.concatenate([np.full(len(centres), time), self.last_seen[coast]])
-        self.history = np.concatenate([history, self.history[coast]]) if coast.any() else history
+        self.history = np.concatenate([history, self.history[coast]])
         return velocities
 
     def update_boxes(self, boxes: np.ndarray, T_world_from_frame: np.ndarray, time: float) -> np.ndarray:
