@@ -14,6 +14,7 @@ consistency check, for each given intermediate-fusion checkpoint.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -331,66 +332,124 @@ def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20
 
 
 def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkpoint: Path | None, out: Path,
-                 fusions: Sequence[str], epochs: int, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 fusions: Sequence[str], epochs: int, log: Callable[[str], None] = print,
+                 seeds: Sequence[int] | None = None, threshold: float | None = None) -> dict[str, Any]:
     """Every fusion in `fusions` fine-tuned from the demo's max checkpoint with `cfg.train`'s recipe on
-    `cfg`'s codebook messages (existing runs under `out/fusion/train` are reused), each evaluated without
-    and with motion compensation under every condition of `FUSION_CONDITIONS`; late fusion of the ego-only
-    model's boxes (through the channel) the same way, and early fusion's points (no motion compensation:
-    its senders run no detector); ego-only beside them."""
+    `cfg`'s codebook messages (existing runs under `out/fusion/train` are reused), once per training seed
+    of `seeds` (default: `cfg.train.seed`), each evaluated without and with motion compensation under
+    every condition of `FUSION_CONDITIONS`; a row of several seeds reports their mean, each seed's AP and
+    the spread. Late fusion of the ego-only model's boxes (through the channel) the same way, and early
+    fusion's points (no motion compensation: its senders run no detector); ego-only beside them.
+    `threshold`: the selection threshold of the evaluated messages (training keeps `cfg`'s)."""
+    seeds = list(seeds) if seeds else [cfg.train.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"bench fusion: seeds {seeds} repeat a seed")
     split = cfg.dataset.eval_split
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     cache: dict = {}
     train_dir = out / "fusion" / "train"
     methods: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
+
+    def conditions(checkpoint: Path, run: ExperimentConfig, label: str) -> dict[str, dict[str, Any]]:
+        evaluated = run if threshold is None else run.variant(selection={"threshold": threshold})
+        return under_conditions(checkpoint, evaluated, label, split, data, log)
+
     if ego_checkpoint is not None:
         methods["none"] = _eval(ego_checkpoint, variant(cfg, "none"), split, data, log, "none")
         for motion in (False, True):
             label = "late" + (" + motion" if motion else "")
-            entries = under_conditions(ego_checkpoint, with_motion(variant(cfg, "late"), cfg, motion), label, split,
-                                       data, log)
+            entries = conditions(ego_checkpoint, with_motion(variant(cfg, "late"), cfg, motion), label)
             rows[label] = {"checkpoint": str(ego_checkpoint), "conditions": entries}
             methods.setdefault(label, entries["clean"])
     if "early" in checkpoints:  # the demo's early model: its points through the channel under every condition
-        entries = under_conditions(checkpoints["early"], variant(cfg, "early"), "early", split, data, log)
+        entries = conditions(checkpoints["early"], variant(cfg, "early"), "early")
         rows["early"] = {"checkpoint": str(checkpoints["early"]), "conditions": entries}
         methods["early"] = entries["clean"]
     for fusion in fusions:
-        if fusion == ANCHOR_ROW:
-            for label, entries, checkpoint in bench_anchor(cfg, ego_checkpoint, train_dir, epochs, split, data, log,
-                                                           cache):
-                rows[label] = {"checkpoint": str(checkpoint), "conditions": entries}
-                methods[label] = entries["clean"]
-            continue
-        run = cfg.variant(strategy="intermediate", codec="codebook", fusion=fusion)
-        checkpoint = finetune_fusion(run, fusion, checkpoints["max"], train_dir, epochs, log, cache)
-        trained = with_trained_fusion(run, checkpoint)  # the method and options it was trained with
-        for motion in (False, True):
-            label = fusion + (" + motion" if motion else "")
-            base = with_motion(trained, cfg, motion)
-            entries = under_conditions(checkpoint, base, label, split, data, log)
-            entries["clean"]["ms"].update(fusion_ms(load_model(checkpoint, base), base))
-            rows[label] = {"checkpoint": str(checkpoint), "conditions": entries}
-            if label not in methods:
-                methods[label] = entries["clean"]
+        per_seed: dict[str, dict[int, tuple[Path, dict[str, dict[str, Any]]]]] = {}
+        for seed in seeds:
+            checkpoint, run, labels = trained_fusion(cfg, fusion, seed, checkpoints, ego_checkpoint, train_dir, epochs,
+                                                     log, cache)
+            for motion, label in zip((False, True), labels):
+                base = with_motion(run, cfg, motion)
+                entries = conditions(checkpoint, base, f"{label} (seed {seed})" if len(seeds) > 1 else label)
+                if seed == seeds[0]:  # timing depends on the architecture, not on the weights
+                    model = load_model(checkpoint, base)
+                    entries["clean"]["ms"].update(anchor_ms(model) if fusion == ANCHOR_ROW else fusion_ms(model, base))
+                per_seed.setdefault(label, {})[seed] = (checkpoint, entries)
+        for label, by_seed in per_seed.items():
+            rows[label] = over_seeds(by_seed)
+            methods.setdefault(label, rows[label]["conditions"]["clean"])
     rep = report({k: {**v, "frames": len(data)} for k, v in methods.items()}, f"{cfg.dataset.format}:{cfg.dataset.root}",
                  split)
     rep["conditions"] = [c for c, _ in FUSION_CONDITIONS]
     rep["rows"] = rows
+    rep["seeds"] = seeds
+    evaluated_selection = cfg.comm.selection.model_dump() | ({} if threshold is None else {"threshold": threshold})
     rep["operating_point"] = {"codec": "codebook", "codebook": cfg.comm.codebook.model_dump(),
-                              "selection": cfg.comm.selection.model_dump()}
+                              "selection": evaluated_selection, "training_threshold": cfg.comm.selection.threshold}
     ego = methods.get("none", {}).get("ap", {}).get("0.5")
     if ego is not None:
         for label, row in rows.items():
             row["below_ego_only"] = [c for c, e in row["conditions"].items() if e["ap"]["0.5"] < ego]
-            clean = row["conditions"]["clean"]["ap"]["0.5"]
-            row["loss_vs_clean"] = {c: clean - e["ap"]["0.5"] for c, e in row["conditions"].items() if c != "clean"}
+            row["loss_vs_clean"] = losses_vs_clean(row["conditions"])
+            if "seeds" in row:
+                per = row["per_seed"]
+                row["loss_vs_clean_per_seed"] = {s: losses_vs_clean(per[s]) for s in per}
+                row["below_ego_only_any_seed"] = [c for c in rep["conditions"]
+                                                  if any(per[s][c]["ap"]["0.5"] < ego for s in per)]
+    for label, row in rows.items():
+        if len(row.get("seeds", ())) > 1:
+            log(f"{label:<28} AP@0.5 mean over seeds {row['seeds']}: " + "  ".join(
+                f"{c} {e['ap']['0.5']:.3f}±{e['ap_std']['0.5']:.3f}" for c, e in row["conditions"].items()))
     write_json(out / "fusion.json", rep)
     from coperception.viz.curves import plot_fusion
 
     plot_fusion(rep, out / "fusion.png")
     log(f"wrote {out / 'fusion.json'} and {out / 'fusion.png'}")
     return rep
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The run folder of `name` trained with `seed` (seed 0 keeps the plain name)."""
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
+def losses_vs_clean(entries: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """AP@0.5 lost under each condition from the clean one."""
+    clean = entries["clean"]["ap"]["0.5"]
+    return {c: clean - e["ap"]["0.5"] for c, e in entries.items() if c != "clean"}
+
+
+def mean_of_entries(entries: Sequence[Any]) -> Any:
+    """The mean of several evaluation entries of the same shape: every number averaged over the entries
+    that have it, anything else (names, settings, lists) taken from the first."""
+    first = entries[0]
+    if isinstance(first, dict):
+        return {k: mean_of_entries([e[k] for e in entries if isinstance(e, dict) and k in e]) for k in first}
+    numbers = [float(e) for e in entries if isinstance(e, (int, float)) and not isinstance(e, bool)]
+    others = [e for e in entries if e is not None and not isinstance(e, (int, float))]
+    if numbers and not others and not isinstance(first, bool):
+        return sum(numbers) / len(numbers)
+    return first
+
+
+def over_seeds(by_seed: dict[int, tuple[Path, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
+    """One `bench fusion` row from its runs of several training seeds: per condition the mean entry, its AP's
+    sample standard deviation over the seeds (`ap_std`, with two seeds or more) and each seed's AP (`per_seed`)."""
+    seeds = list(by_seed)
+    conditions: dict[str, dict[str, Any]] = {}
+    for condition in by_seed[seeds[0]][1]:
+        entries = [by_seed[s][1][condition] for s in seeds]
+        mean = mean_of_entries(entries)
+        if len(entries) > 1:
+            mean["ap_std"] = {iou: statistics.stdev(e["ap"][iou] for e in entries) for iou in mean["ap"]}
+        conditions[condition] = mean
+    return {"checkpoint": str(by_seed[seeds[0]][0]), "checkpoints": {str(s): str(by_seed[s][0]) for s in seeds},
+            "seeds": seeds, "conditions": conditions,
+            "per_seed": {str(s): {c: {"ap": e["ap"], "bytes_per_agent_frame": e["bytes_per_agent_frame"]}
+                                  for c, e in by_seed[s][1].items()} for s in seeds}}
 
 
 def with_motion(run: ExperimentConfig, cfg: ExperimentConfig, enabled: bool) -> ExperimentConfig:
@@ -414,27 +473,25 @@ ANCHOR_ROW = "anchor"  # `bench fusion`'s name of the anchor-centric row
 ANCHOR_LR = 1e-3  # the refinement trains from scratch on a frozen detector: twice the fusions' fine-tuning rate
 
 
-def bench_anchor(cfg: ExperimentConfig, ego_checkpoint: Path | None, train_dir: Path, epochs: int, split: str,
-                 data: CooperativeDataset, log: Callable[[str], None], cache: dict
-                 ) -> list[tuple[str, dict[str, Any], Path]]:
-    """The anchor-centric rows of `bench fusion`: every agent's detector is the ego-only model (the one the
-    late row sends boxes of), frozen; the refinement trains `epochs` with `cfg.train`'s delays; evaluated
-    without and with motion compensation (anchor velocities) under every condition of `FUSION_CONDITIONS`
-    through the anchor wire format and the channel."""
-    if ego_checkpoint is None:
-        raise ConfigError("bench fusion: the anchor-centric row starts from the ego-only checkpoint "
-                          "(--ego-checkpoint)")
-    run = cfg.variant(strategy="anchor", train={"freeze_detector": True, "lr": ANCHOR_LR})
-    checkpoint = finetune_fusion(run, ANCHOR_ROW, ego_checkpoint, train_dir, epochs, log, cache)
-    run = with_trained_fusion(run, checkpoint)  # the anchor settings it was trained with
-    ms = anchor_ms(load_model(checkpoint, run))  # the ego side is the same with and without velocities
-    rows = []
-    for motion in (False, True):
-        label = "anchor-centric" + (" + motion" if motion else "")
-        entries = under_conditions(checkpoint, with_motion(run, cfg, motion), label, split, data, log)
-        entries["clean"]["ms"].update(ms)
-        rows.append((label, entries, checkpoint))
-    return rows
+def trained_fusion(cfg: ExperimentConfig, fusion: str, seed: int, checkpoints: dict[str, Path],
+                   ego_checkpoint: Path | None, train_dir: Path, epochs: int, log: Callable[[str], None], cache: dict
+                   ) -> tuple[Path, ExperimentConfig, tuple[str, str]]:
+    """One `bench fusion` method fine-tuned with training seed `seed` (an existing run reused): its
+    checkpoint, the config it runs with and the labels of its rows without and with motion compensation.
+    Feature fusions start from the demo's max checkpoint on codebook messages; anchor-centric cooperation
+    (`ANCHOR_ROW`) from the ego-only model (the one the late row sends boxes of), frozen, training only
+    its anchor coder and refinement with `cfg.train`'s delays."""
+    if fusion == ANCHOR_ROW:
+        if ego_checkpoint is None:
+            raise ConfigError("bench fusion: the anchor-centric row starts from the ego-only checkpoint "
+                              "(--ego-checkpoint)")
+        run = cfg.variant(strategy="anchor", train={"freeze_detector": True, "lr": ANCHOR_LR, "seed": seed})
+        start, labels = ego_checkpoint, ("anchor-centric", "anchor-centric + motion")
+    else:
+        run = cfg.variant(strategy="intermediate", codec="codebook", fusion=fusion, train={"seed": seed})
+        start, labels = checkpoints["max"], (fusion, fusion + " + motion")
+    checkpoint = finetune_fusion(run, seeded_name(fusion, seed), start, train_dir, epochs, log, cache)
+    return checkpoint, with_trained_fusion(run, checkpoint), labels  # the settings it was trained with
 
 
 def anchor_ms(model: Any, senders: int = 3, runs: int = 20) -> dict[str, float]:
@@ -480,16 +537,15 @@ def anchor_ms(model: Any, senders: int = 3, runs: int = 20) -> dict[str, float]:
             "sender_anchors": median_ms(lambda: fusion.code(anchor_feats))}
 
 
-def finetune_fusion(cfg: ExperimentConfig, fusion: str, start: Path, out_dir: Path, epochs: int,
+def finetune_fusion(cfg: ExperimentConfig, name: str, start: Path, out_dir: Path, epochs: int,
                     log: Callable[[str], None], sample_cache: dict | None = None) -> Path:
-    """`cfg` (intermediate, its codec, fusion `fusion`) fine-tuned from `start` for `epochs` into
-    `out_dir/<fusion>`; an existing last.pt is reused."""
-    target = out_dir / fusion / "last.pt"
+    """`cfg` fine-tuned from `start` for `epochs` into `out_dir/<name>`; an existing last.pt is reused."""
+    target = out_dir / name / "last.pt"
     if target.is_file():
         log(f"reusing {target}")
         return target
     run = cfg.variant(train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),
                              "validate_each_epoch": False})
-    log(f"fine-tuning {fusion} from {start} ({epochs} epochs)")
+    log(f"fine-tuning {name} from {start} ({epochs} epochs, seed {cfg.train.seed})")
     train(run, sample_cache=sample_cache, progress=False, overwrite=True)
     return target

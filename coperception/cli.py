@@ -188,6 +188,16 @@ def _float_list(text: str) -> list[float]:
         raise CoperceptionError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CoperceptionError(f"{option} {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not values:
+        raise CoperceptionError(f"{option} {text!r}: expected at least one integer")
+    return values
+
+
 def _codebook_specs(text: str) -> list[tuple[int, int, int]]:
     specs = []
     for item in text.split(","):
@@ -248,8 +258,13 @@ def bench_fusion_command(
                                 "compare; `anchor`: anchor-centric cooperation, trained on the frozen ego-only model."),
     out: Path = typer.Option(Path("outputs/bench"), help="Report folder (fusion.json, fusion.png; runs under fusion/train)."),
     epochs: Optional[int] = typer.Option(None, help="Fine-tuning epochs of every fusion (default: train.epochs of --config)."),
+    seeds: Optional[str] = typer.Option(None, help="Training seeds, e.g. 0,1,2: every fusion is fine-tuned once per "
+                                        "seed and its rows report the mean, each seed and the spread "
+                                        "(default: train.seed of --config)."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Selection threshold of the evaluated messages; training "
+                                              "keeps the config's (default: the config's for both)."),
     device: Optional[str] = DEVICE_OPTION,
-    overrides: list[str] = typer.Option([], "--set", help="Override a config value, e.g. comm.selection.threshold=0.2."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a config value (training and evaluation)."),
 ) -> None:
     """AP@0.3/0.5/0.7, measured bytes and fusion ms of every fusion, without and with motion compensation,
     on a clean channel and under delay, burst loss and pose noise."""
@@ -265,7 +280,8 @@ def bench_fusion_command(
                 FUSIONS.get(name)
         checkpoints = _demo_checkpoints(runs)
         ego = ego_checkpoint if ego_checkpoint is not None and ego_checkpoint.is_file() else None
-        bench_fusion(cfg, checkpoints, ego, out, names, epochs or cfg.train.epochs, log=typer.echo)
+        bench_fusion(cfg, checkpoints, ego, out, names, epochs or cfg.train.epochs, log=typer.echo,
+                     seeds=_int_list(seeds, "--seeds") if seeds else None, threshold=threshold)
     except CoperceptionError as exc:
         _fail(exc)
 

@@ -7,10 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from coperception.bench import equal_ap_comparisons
+from coperception.bench import equal_ap_comparisons, losses_vs_clean, over_seeds
 from coperception.checkpoint import load_checkpoint
 from coperception.cli import app
 from coperception.train import train
+from coperception.viz.curves import plot_fusion
 
 from test_comm_pipeline import comm_config
 from test_train import TINY
@@ -53,6 +54,30 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
     at_total_loss = rob["sweeps"]["loss"][-1]
     assert at_total_loss["bytes_per_agent_frame"] == 0.0
     assert (out / "robustness.png").stat().st_size > 1000
+
+
+def test_rows_of_several_seeds_report_the_mean_each_seed_and_the_spread(tmp_path):
+    def entry(ap50, size, age):
+        return {"ap": {"0.5": ap50, "0.7": ap50 / 2}, "bytes_per_agent_frame": size, "mean_fused_age_s": age,
+                "params": {"condition": "clean", "flag": True}, "ms": {"fusion": 3.0}}
+
+    by_seed = {0: (tmp_path / "a.pt", {"clean": entry(0.70, 500, None), "delay": entry(0.60, 480, 0.1)}),
+               5: (tmp_path / "b.pt", {"clean": entry(0.66, 520, 0.0), "delay": entry(0.50, 500, 0.3)})}
+    del by_seed[5][1]["clean"]["ms"]  # timed for the first seed only
+    row = over_seeds(by_seed)
+    assert row["seeds"] == [0, 5] and row["checkpoint"] == str(tmp_path / "a.pt")
+    clean, delay = row["conditions"]["clean"], row["conditions"]["delay"]
+    assert clean["ap"] == pytest.approx({"0.5": 0.68, "0.7": 0.34}) and clean["bytes_per_agent_frame"] == 510
+    assert clean["mean_fused_age_s"] == 0.0 and delay["mean_fused_age_s"] == pytest.approx(0.2)  # None is no value
+    assert clean["params"] == {"condition": "clean", "flag": True} and clean["ms"] == {"fusion": 3.0}
+    assert delay["ap_std"]["0.5"] == pytest.approx(0.0707107, abs=1e-6)
+    assert row["per_seed"]["5"]["delay"] == {"ap": {"0.5": 0.50, "0.7": 0.25}, "bytes_per_agent_frame": 500}
+    assert losses_vs_clean(row["conditions"]) == {"delay": pytest.approx(0.13)}
+    assert "ap_std" not in over_seeds({0: by_seed[0]})["conditions"]["clean"]  # one seed: no spread
+    rep = {"conditions": ["clean", "delay"], "rows": {"max": row, "late": {"conditions": by_seed[0][1]}},
+           "methods": {"none": {"ap": {"0.5": 0.5}}}}
+    plot_fusion(rep, tmp_path / "fusion.png")
+    assert (tmp_path / "fusion.png").stat().st_size > 1000
 
 
 def _point(curve, threshold, ap, size):
@@ -122,3 +147,25 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
     assert (stored["train"]["init_from"], stored["cooperation"]["strategy"]) == (str(ego / "last.pt"), "anchor")
     assert stored["train"]["freeze_detector"] and "sender_anchors" in rows["anchor-centric"]["conditions"]["clean"]["ms"]
     assert (out / "fusion.png").stat().st_size > 1000
+
+    # several training seeds: the seed-0 run is reused, seed 1 trained beside it; evaluated at another threshold
+    result = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--ego-checkpoint", str(ego / "last.pt"),
+                                      "--out", str(out), "--fusions", "max", "--epochs", "1", "--seeds", "0,1",
+                                      "--threshold", "0.3", *sets])
+    assert result.exit_code == 0, result.output
+    assert f"reusing {out / 'fusion' / 'train' / 'max' / 'last.pt'}" in result.output
+    rep = json.loads((out / "fusion.json").read_text())
+    assert rep["seeds"] == [0, 1] and rep["operating_point"]["selection"]["threshold"] == 0.3
+    assert rep["operating_point"]["training_threshold"] == 0.0
+    stored = load_checkpoint(out / "fusion" / "train" / "max_seed1" / "last.pt")["config"]
+    assert (stored["train"]["seed"], stored["comm"]["selection"]["threshold"]) == (1, 0.0)
+    row = rep["rows"]["max"]
+    assert row["seeds"] == [0, 1] and set(row["per_seed"]) == {"0", "1"}
+    for condition, entry in row["conditions"].items():
+        seeds = [row["per_seed"][s][condition]["ap"]["0.5"] for s in ("0", "1")]
+        assert entry["ap"]["0.5"] == pytest.approx(sum(seeds) / 2)
+        assert entry["ap_std"]["0.5"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2 ** 0.5)
+        assert entry["params"]["selection"]["threshold"] == 0.3
+    assert set(row["loss_vs_clean_per_seed"]) == {"0", "1"} and "late" in rep["rows"]
+    result = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--out", str(out), "--seeds", "0,x", *sets])
+    assert result.exit_code != 0 and "--seeds '0,x'" in result.output

@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from coperception.config import MotionSettings
 from coperception.fusion.base import Fusion, FusionMeta
 from coperception.fusion.warp import warp_to_ego
 from coperception.grid import BEVGrid
@@ -62,11 +63,13 @@ class EgoSide(nn.Module):
     moving late messages forward by their age when they carry motion, then the configured fusion ->
     (B, C, H, W)."""
 
-    def __init__(self, fusion: Fusion, grid: BEVGrid, motion_margin: float = 1.0, motion_snap: bool = True):
+    def __init__(self, fusion: Fusion, grid: BEVGrid, motion: MotionSettings | None = None):
+        """`motion`: how late messages that carry moving objects are moved (footprint margin, whole-cell
+        moves); whether senders send them at all is decided on their side."""
         super().__init__()
         self.fusion = fusion
         self.grid = grid
-        self.motion_margin, self.motion_snap = motion_margin, motion_snap
+        self.motion = motion if motion is not None else MotionSettings()
 
     def forward(self, delivery: Delivery, confidence: Callable[[torch.Tensor], torch.Tensor] | None = None
                 ) -> torch.Tensor:
@@ -79,7 +82,7 @@ class EgoSide(nn.Module):
         if self.fusion.needs_uncertainty and d.uncertainty is not None:
             carried = torch.cat([carried, d.uncertainty.to(device, carried.dtype)], dim=1)
         warped, valid = warp_to_ego(carried, d.record_len, T, self.grid, d.arrived, d.motion, d.age,
-                                    self.motion_margin, self.motion_snap)
+                                    self.motion.margin_m, self.motion.snap_to_cells)
         warped, uncertainty = warped[:, :, :C], (warped[:, :, C:] if warped.shape[2] > C else None)
         eye = torch.eye(4, dtype=T.dtype, device=device)
         conf = None

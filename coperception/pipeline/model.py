@@ -55,7 +55,7 @@ class CooperativeModel(nn.Module):
         self.agent: AgentSide | None = None
         if self.strategy.sends_features:
             self.ego = EgoSide(build_fusion(cfg.fusion.method, channels, cfg.fusion.options), self.feature_grid,
-                               cfg.fusion.motion.margin_m, cfg.fusion.motion.snap_to_cells)
+                               cfg.fusion.motion)
         self.head = AnchorHead(channels, len(yaws))
         if self.strategy.sends_features:
             codec = CODECS.get(cfg.comm.codec)(channels, cfg.comm.codebook)

@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from coperception.io import atomic_write_bytes  # noqa: E402
 
@@ -96,14 +97,22 @@ def plot_robustness(rep: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_fusion(rep: dict[str, Any], path: str | Path) -> None:
-    """AP@0.5 of every fusion row (`bench fusion`) under each condition, the ego-only model as a reference."""
+    """AP@0.5 of every fusion row (`bench fusion`) under each condition, the ego-only model as a reference;
+    a row of several training seeds is drawn at their mean with a bar from the lowest seed to the highest."""
     conditions = rep["conditions"]
     rows = rep["rows"]
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(conditions)), 4.4), dpi=110)
     for k, (label, row) in enumerate(rows.items()):
-        values = [row["conditions"][c]["ap"]["0.5"] for c in conditions]
-        ax.plot(range(len(conditions)), values, marker="o", color=CURVE_COLOURS[k % len(CURVE_COLOURS)],
-                linestyle="-" if "motion" in label else "--", label=label)
+        x = np.arange(len(conditions))
+        values = np.array([row["conditions"][c]["ap"]["0.5"] for c in conditions])
+        colour, style = CURVE_COLOURS[k % len(CURVE_COLOURS)], "-" if "motion" in label else "--"
+        per_seed = row.get("per_seed", {})
+        if len(per_seed) > 1:
+            seeds = np.array([[s[c]["ap"]["0.5"] for c in conditions] for s in per_seed.values()])
+            ax.errorbar(x, values, yerr=[values - seeds.min(axis=0), seeds.max(axis=0) - values], marker="o",
+                        color=colour, linestyle=style, capsize=2, label=f"{label} ({len(per_seed)} seeds)")
+        else:
+            ax.plot(x, values, marker="o", color=colour, linestyle=style, label=label)
     value = rep["methods"].get("none", {}).get("ap", {}).get("0.5")
     if value is not None:
         ax.axhline(value, color="#7f7f7f", linestyle=":", label="ego only (nothing sent)")
