@@ -261,8 +261,8 @@ def bench_fusion_command(
     seeds: Optional[str] = typer.Option(None, help="Training seeds, e.g. 0,1,2: every fusion is fine-tuned once per "
                                         "seed and its rows report the mean, each seed and the spread "
                                         "(default: train.seed of --config)."),
-    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Selection threshold of the evaluated messages; training "
-                                              "keeps the config's (default: the config's for both)."),
+    threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Selection threshold of the evaluated "
+                                              "messages; training keeps the config's (default: the config's for both)."),
     device: Optional[str] = DEVICE_OPTION,
     overrides: list[str] = typer.Option([], "--set", help="Override a config value (training and evaluation)."),
 ) -> None:

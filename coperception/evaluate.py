@@ -33,6 +33,9 @@ from coperception.io import read_json, write_json
 from coperception.models.postprocess import Detections
 
 
+EVAL_SEED = 0
+
+
 @dataclass
 class FramePrediction:
     """One evaluated frame: the ego's detections and the cell messages it fused."""
@@ -89,26 +92,30 @@ def evaluate_method(model: CooperativeModel, cfg: ExperimentConfig, split: str, 
     kept = []
     t_load = time.perf_counter()
     device = next(model.parameters()).device
-    for batch, _, prepared in tqdm(loader, desc=f"eval {label}", disable=not progress):
-        load_ms.append((time.perf_counter() - t_load) * 1e3)
-        t0 = time.perf_counter()
-        with torch.no_grad():  # inference: no autograd graph of the forward
-            out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold, cfg.eval.nms_threshold,
-                                  session)
-        synchronize(device)
-        model_ms.append((time.perf_counter() - t0) * 1e3)
-        rejected.update(out.rejected or {})
-        for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):
-            acc.add(dets.boxes, dets.scores, p.gt_boxes)
-            broadcast = out.broadcast_bytes[i] if out.broadcast_bytes else 0
-            sent_per_frame.append(sum(sizes) + broadcast)
-            sent_per_agent.extend(sizes)
-            broadcast_bytes.append(broadcast)
-            if out.fused_ages:
-                fused_ages.extend(out.fused_ages[i])
-            if keep_detections:
-                kept.append(FramePrediction(p.frame_key, dets, out.held[i] if out.held else []))
-        t_load = time.perf_counter()
+    # random draws of the forward (MC-dropout passes of uncertainty-trust senders) from a fixed seed: the
+    # same checkpoint evaluates to the same AP every time, and the caller's random state is left as it was
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count() if torch.cuda.is_available() else 0)):
+        torch.manual_seed(EVAL_SEED)
+        for batch, _, prepared in tqdm(loader, desc=f"eval {label}", disable=not progress):
+            load_ms.append((time.perf_counter() - t_load) * 1e3)
+            t0 = time.perf_counter()
+            with torch.no_grad():  # inference: no autograd graph of the forward
+                out = strategy.detect(model, batch.to(device), prepared, cfg.eval.score_threshold,
+                                      cfg.eval.nms_threshold, session)
+            synchronize(device)
+            model_ms.append((time.perf_counter() - t0) * 1e3)
+            rejected.update(out.rejected or {})
+            for i, (p, dets, sizes) in enumerate(zip(prepared, out.detections, out.message_bytes)):
+                acc.add(dets.boxes, dets.scores, p.gt_boxes)
+                broadcast = out.broadcast_bytes[i] if out.broadcast_bytes else 0
+                sent_per_frame.append(sum(sizes) + broadcast)
+                sent_per_agent.extend(sizes)
+                broadcast_bytes.append(broadcast)
+                if out.fused_ages:
+                    fused_ages.extend(out.fused_ages[i])
+                if keep_detections:
+                    kept.append(FramePrediction(p.frame_key, dets, out.held[i] if out.held else []))
+            t_load = time.perf_counter()
     if was_training:
         model.train()
     entry: dict[str, Any] = {

@@ -304,4 +304,20 @@ def test_uncertainty_trust_with_motion_trains_on_late_messages_and_sends_what_it
     assert set(late["ap"]) == {"0.3", "0.5", "0.7"} and late["params"]["fusion"]["motion"]["enabled"]
     # the motion section travels with every message: more bytes than without it (uncertainty in both)
     assert late["bytes_per_frame"] > plain["bytes_per_frame"] > 0
+    # MC dropout draws from the evaluation's own seed: the same uncertainty sent every time, the caller's random
+    # state kept
+    with torch.no_grad():  # a head whose passes disagree (two training steps leave it near its constant start)
+        for layer in (model.uncertainty.cls, model.uncertainty.log_var):
+            layer.weight.normal_(0.0, 0.5)
+            layer.bias.zero_()
+    sent: list[torch.Tensor] = []
+    estimate = model.sent_uncertainty
+    model.sent_uncertainty = lambda feats: sent.append(estimate(feats)) or sent[-1]
+    evaluate_method(model, cfg, "test", progress=False, limit=3)
+    first, sent[:] = list(sent), []
+    torch.rand(3)  # the caller draws in between (as building the next model does)
+    state = torch.random.get_rng_state()
+    evaluate_method(model, cfg, "test", progress=False, limit=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(first) == len(sent) > 0 and all(torch.equal(a, b) for a, b in zip(first, sent))
     del TINY
