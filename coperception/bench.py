@@ -539,9 +539,15 @@ def anchor_ms(model: Any, senders: int = 3, runs: int = 20) -> dict[str, float]:
 
 def finetune_fusion(cfg: ExperimentConfig, name: str, start: Path, out_dir: Path, epochs: int,
                     log: Callable[[str], None], sample_cache: dict | None = None) -> Path:
-    """`cfg` fine-tuned from `start` for `epochs` into `out_dir/<name>`; an existing last.pt is reused."""
+    """`cfg` fine-tuned from `start` for `epochs` into `out_dir/<name>`; an existing last.pt of the same
+    training seed is reused (one of another seed is refused)."""
     target = out_dir / name / "last.pt"
     if target.is_file():
+        stored = load_checkpoint(target).get("config")
+        seed = stored.get("train", {}).get("seed") if isinstance(stored, dict) else None
+        if seed is not None and seed != cfg.train.seed:
+            raise ConfigError(f"{target} was trained with seed {seed}, not {cfg.train.seed}: move it away or "
+                              "choose another --out")
         log(f"reusing {target}")
         return target
     run = cfg.variant(train={"out_dir": str(target.parent), "epochs": epochs, "init_from": str(start),

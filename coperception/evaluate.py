@@ -33,7 +33,7 @@ from coperception.io import read_json, write_json
 from coperception.models.postprocess import Detections
 
 
-EVAL_SEED = 0
+EVAL_SEED = 0  # what an evaluation's random draws start from (see `evaluate_method`)
 
 
 @dataclass

@@ -7,9 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from coperception.bench import equal_ap_comparisons, losses_vs_clean, over_seeds
+from coperception.bench import equal_ap_comparisons, finetune_fusion, losses_vs_clean, over_seeds
 from coperception.checkpoint import load_checkpoint
 from coperception.cli import app
+from coperception.config import ExperimentConfig
+from coperception.errors import ConfigError
 from coperception.train import train
 from coperception.viz.curves import plot_fusion
 
@@ -167,5 +169,8 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
         assert entry["ap_std"]["0.5"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2 ** 0.5)
         assert entry["params"]["selection"]["threshold"] == 0.3
     assert set(row["loss_vs_clean_per_seed"]) == {"0", "1"} and "late" in rep["rows"]
+    run = ExperimentConfig.model_validate(stored).variant(train={"seed": 2})  # a folder of seed 1 is not seed 2's
+    with pytest.raises(ConfigError, match="trained with seed 1, not 2"):
+        finetune_fusion(run, "max_seed1", runs / "max" / "best.pt", out / "fusion" / "train", 1, print)
     result = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--out", str(out), "--seeds", "0,x", *sets])
     assert result.exit_code != 0 and "--seeds '0,x'" in result.output
