@@ -433,6 +433,10 @@ class TrainConfig(Strict):
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimiser steps (resume continues)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(2e-3, gt=0)
+    # the fusion module's own weights (`ego.fusion.`) learn at lr x this: a fusion added to a fine-tuned
+    # detector starts at (or near) max fusion and, with Adam, moves at most about lr per step; at the
+    # detector's fine-tuning rate its trust or attention network hardly leaves where it started
+    fusion_lr_scale: float = Field(1.0, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     num_workers: int = Field(2, ge=0)
     seed: int = 0
@@ -466,6 +470,18 @@ class TrainConfig(Strict):
     # so the fusion learns from messages as old as a late channel delivers them (0: always the ego's frame)
     delay_frames: int = Field(0, ge=0)
     delay_probability: float = Field(0.5, ge=0, le=1)
+    # with `delay_frames`: the delayed senders' messages reach the fusion moved forward by their objects'
+    # true motion (ground truth, training only), as motion compensation moves them at evaluation with the
+    # senders' tracked velocities (`fusion.motion`: its min speed, object cap, margin and whole-cell moves);
+    # without it the fusion learns what age does to messages nobody moved. Readers with earlier ground
+    # truth: OPV2V and the synthetic world
+    true_motion: bool = False
+
+    @model_validator(mode="after")
+    def _true_motion_needs_delays(self) -> "TrainConfig":
+        if self.true_motion and not self.delay_frames:
+            raise ValueError("true_motion moves delayed senders' messages forward: it needs delay_frames > 0")
+        return self
 
 
 class EvalConfig(Strict):

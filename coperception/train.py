@@ -87,6 +87,21 @@ def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights
     return losses
 
 
+FUSION_PREFIX = "ego.fusion."  # the weights `train.fusion_lr_scale` applies to
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, fusion_lr_scale: float) -> list[dict[str, Any]]:
+    """The optimiser's parameter groups: the fusion module's weights at `lr * fusion_lr_scale`, the rest
+    at `lr`; one group when the scale is 1 or the fusion has no weights (as runs before the scale had, so
+    their optimiser states resume)."""
+    named = list(model.named_parameters())
+    fusion = [p for n, p in named if n.startswith(FUSION_PREFIX)]
+    if fusion_lr_scale == 1.0 or not fusion:
+        return [{"params": [p for _, p in named], "lr": lr}]
+    rest = [p for n, p in named if not n.startswith(FUSION_PREFIX)]
+    return [{"params": rest, "lr": lr}, {"params": fusion, "lr": lr * fusion_lr_scale}]
+
+
 @dataclass
 class _State:
     """What a run carries from step to step and into its checkpoints."""
@@ -131,14 +146,18 @@ class Trainer:
         mode = model.strategy.input_mode(training=True, project_first=cfg.cooperation.project_first)
         self.data = PreparedDataset(self.train_set, cfg.dataset, cfg.model, mode, model.assigner, cfg.train.augment,
                                     cfg.train.seed, training=True, delay_frames=cfg.train.delay_frames,
-                                    delay_probability=cfg.train.delay_probability)
+                                    delay_probability=cfg.train.delay_probability,
+                                    true_motion=(cfg.fusion.motion.min_speed_mps, cfg.fusion.motion.max_objects)
+                                    if cfg.train.true_motion else None)
         if model.agent is not None and cfg.comm.codec == "codebook" and not resume \
                 and not bool(model.agent.codec.quantizer.initialised):  # type: ignore[union-attr]
             self.fit_codebook(model)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.data) / self.ddp.world) / cfg.train.batch_size)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=max(self.total_steps, 1),
+        groups = parameter_groups(model, cfg.train.lr, cfg.train.fusion_lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                        total_steps=max(self.total_steps, 1),
                                                         pct_start=0.3, div_factor=10, final_div_factor=100)
         self.state = _State(model, optimizer, scheduler)
         self.resumed_from = self.resume() if resume else None

@@ -76,12 +76,16 @@ class AgentBatch:
     kind: torch.Tensor  # (N_total,) 0 vehicle, 1 rsu
     lidar: PillarBatch | None = None
     cameras: CameraBatch | None = None
+    # training with `train.true_motion`: per view, the true moving objects (K, 7) x, y, vx, vy, length,
+    # width, yaw in its frame that move its late message forward (None for a view that is not late)
+    motion: list[torch.Tensor | None] | None = None
 
     def to(self, device: torch.device | str) -> "AgentBatch":
         """The per-view tensors on `device` (record_len stays a list)."""
         return AgentBatch(self.record_len, self.T_ego_from_agent.to(device), self.age.to(device), self.kind.to(device),
                           self.lidar.to(device) if self.lidar is not None else None,
-                          self.cameras.to(device) if self.cameras is not None else None)
+                          self.cameras.to(device) if self.cameras is not None else None,
+                          None if self.motion is None else [m if m is None else m.to(device) for m in self.motion])
 
     @property
     def n_agents(self) -> int:
@@ -104,7 +108,8 @@ class AgentBatch:
         cpu = views.cpu()
         return AgentBatch([1] * len(cpu), self.T_ego_from_agent[views.to(self.T_ego_from_agent.device)],
                           self.age[cpu], self.kind[cpu], self.lidar.subset(views) if self.lidar is not None else None,
-                          self.cameras.subset(views) if self.cameras is not None else None)
+                          self.cameras.subset(views) if self.cameras is not None else None,
+                          None if self.motion is None else [self.motion[int(v)] for v in cpu])
 
     def sample_of_view(self) -> torch.Tensor:
         """(N_total,) index of the sample each view belongs to."""

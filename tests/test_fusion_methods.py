@@ -4,6 +4,7 @@ fusion and its uncertainty head, and motion compensation of late messages (sende
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from coperception.comm.wire import FLAG_MOTION, Message, decode_packets, encode_
 from coperception.config import MotionSettings
 from coperception.fusion.base import FUSIONS, FusionMeta, build_fusion
 from coperception.fusion.motion import MotionTracker, compensate, moving_objects
+from coperception.fusion import warp
 from coperception.fusion.trust import UncertaintyTrustFusion
 from coperception.fusion.warp import warp_to_ego
 from coperception.grid import BEVGrid
@@ -284,7 +286,54 @@ def test_delayed_senders_come_from_earlier_frames(opv2v_set):
     assert [a.capture_time for a in delayed_senders(first, 1).agents] == [a.capture_time for a in first.agents]
 
 
-def test_uncertainty_trust_with_motion_trains_on_late_messages_and_sends_what_it_uses(opv2v_set, tmp_path):
+@pytest.mark.parametrize("mode", ["all", "projected"])
+def test_true_motion_moves_a_late_view_onto_the_objects_as_they_are_now(opv2v_set, mode):
+    from coperception.datasets.collate import collate, prepare_sample
+    from coperception.datasets.prepared import delayed_senders, true_motion
+    from coperception.config import ModelConfig
+    from coperception.datasets.readers import build_dataset
+
+    data = build_dataset(opv2v_set.dataset_cfg, "test")
+    sample = data[2]  # the third frame of the first scenario: two earlier frames exist
+    delayed = delayed_senders(sample, 2)
+    records = true_motion(sample, delayed, 2, 0.0, 255)
+    assert records is not None and records[0] is None and len(records) == len(sample.agents)
+    moving = [r for r in records[1:] if r is not None and len(r)]
+    assert moving, "the scene should have moving objects"
+    # records in the ego frame: the old box moved by velocity x age is the box now
+    age = sample.ego.capture_time - delayed.agents[1].capture_time
+    now = records[1][:, :2] + records[1][:, 2:4] * age
+    assert np.abs(now[:, None] - sample.gt_boxes[None, :, :2]).sum(-1).min(axis=1).max() < 1e-6
+    # each view carries them in its own frame, through the scene augmentation (mirror, rotation, scale)
+    prepared = prepare_sample(delayed, mode, opv2v_set.dataset_cfg, ModelConfig(), rng=np.random.default_rng(5),
+                              motion=records)
+    assert prepared.agents[0].motion is None
+    for view, r in zip(prepared.agents[1:], records[1:]):
+        assert view.motion is not None and view.motion.shape == r.shape
+        T = view.T_ego_from_frame
+        moved = (view.motion[:, :2] + view.motion[:, 2:4] * age) @ T[:2, :2].T + T[:2, 3]
+        gap = np.abs(moved[:, None] - prepared.gt_boxes[None, :, :2]).sum(-1)
+        match = gap.argmin(axis=1)
+        assert gap.min(axis=1).max() < 1e-4
+        assert np.allclose(view.motion[:, 4:6], prepared.gt_boxes[match, 3:5], atol=1e-4)
+        yaw_in_ego = view.motion[:, 6] + math.atan2(T[1, 0], T[0, 0])
+        assert np.allclose(np.sin(2 * (yaw_in_ego - prepared.gt_boxes[match, 6])), 0.0, atol=1e-3)
+    batch = collate([prepared])[0]
+    assert batch.motion is not None and batch.motion[0] is None and batch.motion[1].dtype == torch.float32
+    assert batch.subset_views(torch.tensor([1])).motion[0] is batch.motion[1]
+    # a reader without earlier ground truth: no records
+    assert true_motion(replace(sample, earlier_truth=None), delayed, 2, 0.0, 255) is None
+
+
+def test_true_motion_needs_delayed_senders():
+    from coperception.config import TrainConfig
+
+    with pytest.raises(ValueError, match="delay_frames"):
+        TrainConfig(true_motion=True)
+    assert TrainConfig(true_motion=True, delay_frames=2).true_motion
+
+
+def test_uncertainty_trust_with_motion_trains_on_late_messages_and_sends_what_it_uses(opv2v_set, tmp_path, monkeypatch):
     from coperception.evaluate import evaluate_method
     from coperception.pipeline.model import load_model
     from coperception.train import train
@@ -292,9 +341,16 @@ def test_uncertainty_trust_with_motion_trains_on_late_messages_and_sends_what_it
     from test_train import TINY, tiny_config
 
     cfg = tiny_config(opv2v_set, tmp_path, "train.max_steps=2", "comm.codec=sparse", "fusion.method=uncertainty_trust",
-                      "fusion.options={passes: 2}", "train.delay_frames=2", "train.delay_probability=1.0")
+                      "fusion.options={passes: 2}", "train.delay_frames=2", "train.delay_probability=1.0",
+                      "train.true_motion=true")
+    moved: list[int] = []  # objects the warp moved: the late senders' true motion reached the fusion in training
+    compensate_now = warp.compensate
+    monkeypatch.setattr(warp, "compensate", lambda sampling, motion, *rest: moved.append(
+        sum(len(m) for m in motion if m is not None)) or compensate_now(sampling, motion, *rest))
     summary = train(cfg, progress=False)
+    monkeypatch.undo()
     assert summary["steps"] == 2 and np.isfinite(summary["history"][-1]["loss"])
+    assert sum(moved) > 0
     model = load_model(tmp_path / "last.pt", cfg)
     assert model.uncertainty is not None and model.uncertainty.passes == 2
     plain = evaluate_method(model, cfg, "test", progress=False, limit=3)

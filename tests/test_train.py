@@ -17,7 +17,7 @@ from coperception.checkpoint import CheckpointError, load_checkpoint, save_check
 from coperception.cli import app
 from coperception.config import load_config
 from coperception.pipeline.model import architecture, build_model, load_model, method_label
-from coperception.train import train
+from coperception.train import parameter_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
 # a small grid and model so a step takes well under a second
@@ -110,6 +110,20 @@ def test_init_from_copies_weights_into_a_fusion_model(opv2v_set, tmp_path):
                       "model.filters=[16,48]")
     with pytest.raises(CheckpointError, match="another architecture"):
         train(bad, progress=False)
+
+
+def test_the_fusion_learns_at_its_own_rate_and_resumes_so(opv2v_set, tmp_path):
+    cfg = tiny_config(opv2v_set, tmp_path, "cooperation.strategy=intermediate", "fusion.method=attention",
+                      "train.fusion_lr_scale=10", "train.max_steps=1")
+    train(cfg, progress=False)
+    groups = load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    assert len(groups) == 2 and groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    names = [n for n, _ in build_model(cfg).named_parameters()]
+    assert len(groups[1]["params"]) == sum(n.startswith("ego.fusion.") for n in names) > 0
+    longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 2})})
+    assert train(longer, resume=True, progress=False)["steps"] == 2
+    # scale 1 (or a fusion without weights): one group, as the optimiser states of earlier runs hold
+    assert len(parameter_groups(build_model(cfg), 1e-3, 1.0)) == 1
 
 
 def test_train_and_eval_cli_write_checkpoints_and_a_report(opv2v_set, tmp_path):

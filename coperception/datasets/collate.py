@@ -58,6 +58,8 @@ class AgentInput:
     points: np.ndarray | None = None
     cameras: CameraViews | None = None  # where the agent's kind carries a camera: calibrated in the view's frame
     own_cameras: CameraViews | None = None  # `senders_project`: the sender's cameras in its own frame
+    # training with `train.true_motion`: the true moving objects (K, 7) of a late view, in its frame
+    motion: np.ndarray | None = None
 
 
 @dataclass
@@ -150,13 +152,16 @@ def z_shift(dz: float) -> np.ndarray:
 
 def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConfig, mcfg: ModelConfig,
                    targets: TargetFn | None = None, rng: np.random.Generator | None = None,
-                   training: bool = False, pillar_rng: np.random.Generator | None = None) -> PreparedSample:
+                   training: bool = False, pillar_rng: np.random.Generator | None = None,
+                   motion: list[np.ndarray | None] | None = None) -> PreparedSample:
     """Voxelize the views `mode` asks for and (with `targets`) assign training targets to the ground truth.
 
     With `rng`, training augmentation is applied to the whole cooperative scene in the ego frame:
     a random flip across the x axis and a rotation in [-pi/4, pi/4] with scaling in [0.95, 1.05].
     Views with more pillars than the cap (`voxel_cap`) keep a random subset, drawn from `pillar_rng` or,
-    without it, from a generator seeded by the frame (the same pillars on every evaluation)."""
+    without it, from a generator seeded by the frame (the same pillars on every evaluation).
+    `motion`: per agent, moving objects (K, 7) in the (unaugmented) ego frame or None; each encoded view
+    (not early fusion's merged cloud) carries its agent's, moved into the view's frame."""
     frame_key = f"{sample.scenario}/{sample.frame}"
     cap = voxel_cap(mcfg, training)
     draw = pillar_rng if pillar_rng is not None else np.random.default_rng(zlib.crc32(frame_key.encode()))
@@ -211,7 +216,21 @@ def prepare_sample(sample: CooperativeSample, mode: InputMode, dcfg: DatasetConf
                                     points[k] if sends_raw else None,
                                     cams.moved(lift) if cams is not None else None,
                                     cams if sends_raw else None))
+    if motion is not None and mode != "merged":
+        A = maps[0]  # the augmentation of the ego frame (the ego's own points went through it)
+        for view, records in zip(views, motion):
+            if records is not None:
+                view.motion = mapped_motion(records, invert(view.T_ego_from_frame) @ A)
     return PreparedSample(views, gt, targets(gt) if targets is not None else None, frame_key, sent_points)
+
+
+def mapped_motion(records: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Motion records (K, 7) x, y, vx, vy, length, width, yaw in another frame, `M` (4, 4) mapping into it
+    (a rotation with uniform scale and maybe a mirror, as the scene augmentation and the poses are)."""
+    L = M[:2, :2]
+    heading = np.column_stack([np.cos(records[:, 6]), np.sin(records[:, 6])]) @ L.T
+    return np.column_stack([records[:, :2] @ L.T + M[:2, 3], records[:, 2:4] @ L.T,
+                            records[:, 4:6] * np.sqrt(abs(np.linalg.det(L))), np.arctan2(heading[:, 1], heading[:, 0])])
 
 
 @dataclass(frozen=True)
@@ -240,6 +259,7 @@ class Projector:
 def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
     """One batch of the views of several samples (each sample's views in order, ego first)."""
     voxels, nums, coords, transforms, ages, kinds, record_len = [], [], [], [], [], [], []
+    motion: list[torch.Tensor | None] = []
     images, intrinsics, extrinsics, image_view, depth_bins = [], [], [], [], []
     slot = 0
     for views in samples:
@@ -259,6 +279,7 @@ def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
             transforms.append(torch.from_numpy(view.T_ego_from_frame.astype(np.float32)))
             ages.append(view.age)
             kinds.append(view.kind)
+            motion.append(None if view.motion is None else torch.from_numpy(view.motion.astype(np.float32)))
             slot += 1
     cameras = None
     if images:
@@ -267,7 +288,8 @@ def views_batch(samples: Sequence[Sequence[AgentInput]]) -> AgentBatch:
                               torch.cat(image_view), targets)
     return AgentBatch(record_len, torch.stack(transforms), torch.tensor(ages, dtype=torch.float32),
                       torch.tensor(kinds, dtype=torch.int64),
-                      lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)), cameras=cameras)
+                      lidar=PillarBatch(torch.cat(voxels), torch.cat(nums), torch.cat(coords)), cameras=cameras,
+                      motion=motion if any(m is not None for m in motion) else None)
 
 
 def collate(batch: Sequence[PreparedSample]) -> tuple[AgentBatch, TargetBatch | None, list[PreparedSample]]:

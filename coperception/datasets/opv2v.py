@@ -170,7 +170,8 @@ class OPV2VDataset:
             boxes, ids = vehicles_in_frame(metas[c], T_ego_from_world)
             per_agent.append((boxes, ids, ["vehicle"] * len(ids)))
         exclude = {int(kept[0])} if not kept[0].startswith("-") else set()
-        gt_boxes, gt_ids, gt_classes = merge_ground_truth(per_agent, exclude, self.cfg.gt_range(self.cfg.point_cloud_range))
+        gt_range = self.cfg.gt_range(self.cfg.point_cloud_range)
+        gt_boxes, gt_ids, gt_classes = merge_ground_truth(per_agent, exclude, gt_range)
 
         def earlier(k: int) -> list[AgentObservation | None]:
             frames = self._frames(scenario)
@@ -182,7 +183,17 @@ class OPV2VDataset:
             self._crop([a for a in old if a is not None], T_ego_from_world)
             return old
 
-        return CooperativeSample("opv2v", scenario, frame_name, agents, gt_boxes, gt_ids, gt_classes, earlier)
+        def earlier_truth(k: int) -> tuple[np.ndarray, np.ndarray]:
+            frames = self._frames(scenario)
+            if frame_idx - k < 0:
+                return np.zeros((0, 7)), np.zeros(0, dtype=np.int64)
+            name = frames[frame_idx - k]
+            per = [vehicles_in_frame(self._meta(scenario, c, name), T_ego_from_world) for c in kept if name in cavs[c]]
+            boxes, ids, _ = merge_ground_truth([(b, i, ["vehicle"] * len(i)) for b, i in per], exclude, gt_range)
+            return boxes, ids
+
+        return CooperativeSample("opv2v", scenario, frame_name, agents, gt_boxes, gt_ids, gt_classes, earlier,
+                                 earlier_truth)
 
 
 @lru_cache(maxsize=64)

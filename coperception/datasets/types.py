@@ -65,6 +65,9 @@ class CooperativeSample:
     gt_classes: list[str]
     # fetch the same agents `k` frames earlier (None for an agent without such a frame)
     earlier: Callable[[int], list[AgentObservation | None]] | None = None
+    # training only: the ground truth `k` frames earlier in this sample's ego frame, (boxes (M, 7), ids (M,));
+    # what moves delayed senders' messages by their objects' true motion (`train.true_motion`)
+    earlier_truth: Callable[[int], tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def ego(self) -> AgentObservation:

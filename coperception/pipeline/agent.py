@@ -76,7 +76,7 @@ class AgentSide(nn.Module):
                 arrived = arrived & kept
         device = feats.device
         return Delivery(out, arrived, list(batch.record_len), batch.T_ego_from_agent.to(device), batch.age.to(device),
-                        batch.kind.to(device)), aux
+                        batch.kind.to(device), motion=batch.motion), aux
 
 
 def drop_messages(batch: AgentBatch, rate: float, like: torch.Tensor) -> torch.Tensor:
