@@ -14,8 +14,12 @@ consistency check, for each given intermediate-fusion checkpoint.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -25,7 +29,7 @@ from coperception.datasets.cooperative import CooperativeDataset
 from coperception.datasets.readers import InMemoryDataset, build_dataset
 from coperception.evaluate import evaluate_method, report
 from coperception.errors import ConfigError
-from coperception.io import write_json
+from coperception.io import read_json, write_json
 from coperception.pipeline.attacks import GhostAttack
 from coperception.pipeline.model import load_model
 from coperception.train import train
@@ -86,6 +90,37 @@ def _eval(checkpoint: Path, cfg: ExperimentConfig, split: str, data: Cooperative
     log(f"{label:<40} AP@0.5 {entry['ap']['0.5']:.3f}  bytes/agent/frame {entry['bytes_per_agent_frame']:>12.0f}  "
         + (f"refused {refused}  " if refused else "") + f"({time.perf_counter() - t0:.0f} s)")
     return entry
+
+
+class EvaluationStore:
+    """Evaluations a bench already made, kept in a JSON file beside its runs, so that an interrupted bench
+    evaluates again only what is missing (evaluation is seeded: the same model and config give the same
+    entry). An entry is found by its checkpoint (path, size and modification time: a retrained model is
+    evaluated anew) and the whole config it was evaluated with."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = read_json(path) if path.is_file() else {}
+        if not isinstance(self.entries, dict):
+            raise ConfigError(f"{path}: not a bench evaluation store (a JSON object); move it away")
+
+    @staticmethod
+    def key(checkpoint: Path, cfg: ExperimentConfig) -> str:
+        stat = checkpoint.stat()
+        ident = {"checkpoint": str(checkpoint.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                 "config": cfg.model_dump(mode="json")}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+    def entry(self, checkpoint: Path, cfg: ExperimentConfig, evaluate: Callable[[], dict[str, Any]],
+              log: Callable[[str], None], label: str) -> dict[str, Any]:
+        """The stored entry of `checkpoint` under `cfg`, else `evaluate()`'s, stored at once."""
+        key = self.key(checkpoint, cfg)
+        if key in self.entries:
+            log(f"{label:<40} AP@0.5 {self.entries[key]['ap']['0.5']:.3f}  (evaluated before: {self.path})")
+        else:
+            self.entries[key] = evaluate()
+            write_json(self.path, self.entries)
+        return copy.deepcopy(self.entries[key])  # callers add to their copy
 
 
 def with_trained_fusion(cfg: ExperimentConfig, checkpoint: Path) -> ExperimentConfig:
@@ -348,15 +383,18 @@ def bench_fusion(cfg: ExperimentConfig, checkpoints: dict[str, Path], ego_checkp
     data = InMemoryDataset(build_dataset(cfg.dataset, split), desc=f"read {split}")
     cache: dict = {}
     train_dir = out / "fusion" / "train"
+    store = EvaluationStore(out / "fusion" / "evaluations.json")
     methods: dict[str, Any] = {}
     rows: dict[str, dict[str, Any]] = {}
 
     def conditions(checkpoint: Path, run: ExperimentConfig, label: str) -> dict[str, dict[str, Any]]:
         evaluated = run if threshold is None else run.variant(selection={"threshold": threshold})
-        return under_conditions(checkpoint, evaluated, label, split, data, log)
+        return under_conditions(checkpoint, evaluated, label, split, data, log, store)
 
     if ego_checkpoint is not None:
-        methods["none"] = _eval(ego_checkpoint, variant(cfg, "none"), split, data, log, "none")
+        alone = variant(cfg, "none")
+        methods["none"] = store.entry(ego_checkpoint, alone, lambda: _eval(ego_checkpoint, alone, split, data, log, "none"),
+                                      log, "none")
         for motion in (False, True):
             label = "late" + (" + motion" if motion else "")
             entries = conditions(ego_checkpoint, with_motion(variant(cfg, "late"), cfg, motion), label)
@@ -459,11 +497,14 @@ def with_motion(run: ExperimentConfig, cfg: ExperimentConfig, enabled: bool) -> 
 
 
 def under_conditions(checkpoint: Path, base: ExperimentConfig, label: str, split: str, data: CooperativeDataset,
-                     log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """`checkpoint` evaluated as `base` describes under every channel condition of `FUSION_CONDITIONS`."""
+                     log: Callable[[str], None], store: EvaluationStore | None = None) -> dict[str, dict[str, Any]]:
+    """`checkpoint` evaluated as `base` describes under every channel condition of `FUSION_CONDITIONS`
+    (with `store`: what it holds is not evaluated again)."""
     entries = {}
     for condition, channel in FUSION_CONDITIONS:
-        entry = _eval(checkpoint, base.variant(channel=channel), split, data, log, f"{label:<28} {condition}")
+        run, name = base.variant(channel=channel), f"{label:<28} {condition}"
+        evaluate = partial(_eval, checkpoint, run, split, data, log, name)
+        entry = evaluate() if store is None else store.entry(checkpoint, run, evaluate, log, name)
         entry["params"]["condition"] = condition
         entries[condition] = entry
     return entries

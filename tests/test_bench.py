@@ -7,11 +7,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from coperception.bench import equal_ap_comparisons, finetune_fusion, losses_vs_clean, over_seeds
+from coperception.bench import EvaluationStore, equal_ap_comparisons, finetune_fusion, losses_vs_clean, over_seeds
 from coperception.checkpoint import load_checkpoint
 from coperception.cli import app
 from coperception.config import ExperimentConfig
-from coperception.errors import ConfigError
+from coperception.errors import ConfigError, DataFormatError
 from coperception.train import train
 from coperception.viz.curves import plot_fusion
 
@@ -100,6 +100,33 @@ def test_equal_ap_comparison_pairs_same_cells_and_the_cheapest_fp32_point_within
     assert abs(second["same_selection"]["ap_gap"] - 0.10) < 1e-9
 
 
+def test_an_evaluation_is_stored_and_made_again_only_for_another_model_or_config(tmp_path):
+    checkpoint = tmp_path / "last.pt"
+    checkpoint.write_bytes(b"weights")
+    cfg = ExperimentConfig()
+    calls: list[str] = []
+
+    def evaluate(ap: float):
+        return lambda: calls.append("run") or {"ap": {"0.5": ap}, "params": {}}
+
+    path = tmp_path / "evaluations.json"
+    assert EvaluationStore(path).entry(checkpoint, cfg, evaluate(0.5), print, "x")["ap"]["0.5"] == 0.5
+    again = EvaluationStore(path)  # a bench started again reads what the interrupted one measured
+    first = again.entry(checkpoint, cfg, evaluate(0.9), print, "x")
+    assert first["ap"]["0.5"] == 0.5 and calls == ["run"]
+    first["params"]["condition"] = "changed"  # a caller's copy: the store keeps its own
+    assert again.entry(checkpoint, cfg, evaluate(0.9), print, "x")["params"] == {}
+    assert again.entry(checkpoint, cfg.variant(channel={"latency_ms": 100.0}), evaluate(0.3), print, "x")["ap"]["0.5"] == 0.3
+    checkpoint.write_bytes(b"retrained weights")  # a new model under the same path
+    assert again.entry(checkpoint, cfg, evaluate(0.7), print, "x")["ap"]["0.5"] == 0.7 and len(calls) == 3
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a bench evaluation store"):
+        EvaluationStore(path)
+    path.write_text("{broken")
+    with pytest.raises(DataFormatError, match="invalid JSON"):
+        EvaluationStore(path)
+
+
 @pytest.mark.slow  # end to end: `make test` runs it, plain `pytest` skips it
 def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condition(opv2v_set, tmp_path):
     runs = tmp_path / "runs"
@@ -149,6 +176,13 @@ def test_bench_fusion_compares_fusions_with_and_without_motion_under_every_condi
     assert (stored["train"]["init_from"], stored["cooperation"]["strategy"]) == (str(ego / "last.pt"), "anchor")
     assert stored["train"]["freeze_detector"] and "sender_anchors" in rows["anchor-centric"]["conditions"]["clean"]["ms"]
     assert (out / "fusion.png").stat().st_size > 1000
+    # run again (as after an interruption): every evaluation comes from the store, the report is the same
+    again = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--ego-checkpoint", str(ego / "last.pt"),
+                                     "--out", str(out), "--fusions", "max,uncertainty_trust,anchor", "--epochs", "1", *sets])
+    assert again.exit_code == 0, again.output
+    assert "evaluated before" in again.output and "bytes/agent/frame" not in again.output
+    assert json.loads((out / "fusion.json").read_text())["rows"]["max"]["conditions"]["delay 200 ms"]["ap"] == \
+        rows["max"]["conditions"]["delay 200 ms"]["ap"]
 
     # several training seeds: the seed-0 run is reused, seed 1 trained beside it; evaluated at another threshold
     result = CliRunner().invoke(app, ["bench", "fusion", "--runs", str(runs), "--ego-checkpoint", str(ego / "last.pt"),
