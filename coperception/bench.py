@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import statistics
 import time
 from functools import partial
@@ -481,6 +482,8 @@ def over_seeds(by_seed: dict[int, tuple[Path, dict[str, dict[str, Any]]]]) -> di
     for condition in by_seed[seeds[0]][1]:
         entries = [by_seed[s][1][condition] for s in seeds]
         mean = mean_of_entries(entries)
+        if mean.get("bytes_per_frame"):  # the log of the mean bytes (the mean of the seeds' logs is not it)
+            mean["log2_bytes_per_frame"] = math.log2(mean["bytes_per_frame"])
         if len(entries) > 1:
             mean["ap_std"] = {iou: statistics.stdev(e["ap"][iou] for e in entries) for iou in mean["ap"]}
         conditions[condition] = mean

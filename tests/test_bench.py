@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -61,6 +62,7 @@ def test_bench_comm_and_robustness_write_reports(opv2v_set, tmp_path):
 def test_rows_of_several_seeds_report_the_mean_each_seed_and_the_spread(tmp_path):
     def entry(ap50, size, age):
         return {"ap": {"0.5": ap50, "0.7": ap50 / 2}, "bytes_per_agent_frame": size, "mean_fused_age_s": age,
+                "bytes_per_frame": 3 * size, "log2_bytes_per_frame": math.log2(3 * size),
                 "params": {"condition": "clean", "flag": True}, "ms": {"fusion": 3.0}}
 
     by_seed = {0: (tmp_path / "a.pt", {"clean": entry(0.70, 500, None), "delay": entry(0.60, 480, 0.1)}),
@@ -70,6 +72,7 @@ def test_rows_of_several_seeds_report_the_mean_each_seed_and_the_spread(tmp_path
     assert row["seeds"] == [0, 5] and row["checkpoint"] == str(tmp_path / "a.pt")
     clean, delay = row["conditions"]["clean"], row["conditions"]["delay"]
     assert clean["ap"] == pytest.approx({"0.5": 0.68, "0.7": 0.34}) and clean["bytes_per_agent_frame"] == 510
+    assert clean["log2_bytes_per_frame"] == pytest.approx(math.log2(1530))  # of the mean bytes, not a mean of logs
     assert clean["mean_fused_age_s"] == 0.0 and delay["mean_fused_age_s"] == pytest.approx(0.2)  # None is no value
     assert clean["params"] == {"condition": "clean", "flag": True} and clean["ms"] == {"fusion": 3.0}
     assert delay["ap_std"]["0.5"] == pytest.approx(0.0707107, abs=1e-6)

@@ -98,14 +98,17 @@ def plot_robustness(rep: dict[str, Any], path: str | Path) -> None:
 
 def plot_fusion(rep: dict[str, Any], path: str | Path) -> None:
     """AP@0.5 of every fusion row (`bench fusion`) under each condition, the ego-only model as a reference;
-    a row of several training seeds is drawn at their mean with a bar from the lowest seed to the highest."""
+    a row of several training seeds is drawn at their mean with a bar from the lowest seed to the highest.
+    A method and its motion-compensated row share a colour (solid: with motion)."""
     conditions = rep["conditions"]
     rows = rep["rows"]
+    methods = list(dict.fromkeys(label.removesuffix(" + motion") for label in rows))
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(conditions)), 4.4), dpi=110)
-    for k, (label, row) in enumerate(rows.items()):
+    for label, row in rows.items():
         x = np.arange(len(conditions))
         values = np.array([row["conditions"][c]["ap"]["0.5"] for c in conditions])
-        colour, style = CURVE_COLOURS[k % len(CURVE_COLOURS)], "-" if "motion" in label else "--"
+        colour = CURVE_COLOURS[methods.index(label.removesuffix(" + motion")) % len(CURVE_COLOURS)]
+        style = "-" if label.endswith(" + motion") else "--"
         per_seed = row.get("per_seed", {})
         if len(per_seed) > 1:
             seeds = np.array([[s[c]["ap"]["0.5"] for c in conditions] for s in per_seed.values()])
