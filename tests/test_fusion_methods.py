@@ -13,9 +13,9 @@ import torch
 from coperception.comm.kinds import MalformedMessage, MessageKind
 from coperception.comm.wire import FLAG_MOTION, Message, decode_packets, encode_message
 from coperception.config import MotionSettings
+from coperception.fusion import warp
 from coperception.fusion.base import FUSIONS, FusionMeta, build_fusion
 from coperception.fusion.motion import MotionTracker, compensate, moving_objects
-from coperception.fusion import warp
 from coperception.fusion.trust import UncertaintyTrustFusion
 from coperception.fusion.warp import warp_to_ego
 from coperception.grid import BEVGrid
@@ -288,9 +288,9 @@ def test_delayed_senders_come_from_earlier_frames(opv2v_set):
 
 @pytest.mark.parametrize("mode", ["all", "projected"])
 def test_true_motion_moves_a_late_view_onto_the_objects_as_they_are_now(opv2v_set, mode):
+    from coperception.config import ModelConfig
     from coperception.datasets.collate import collate, prepare_sample
     from coperception.datasets.prepared import delayed_senders, true_motion
-    from coperception.config import ModelConfig
     from coperception.datasets.readers import build_dataset
 
     data = build_dataset(opv2v_set.dataset_cfg, "test")
