@@ -15,7 +15,8 @@ from coperception.comm.wire import FLAG_MOTION, Message, decode_packets, encode_
 from coperception.config import MotionSettings
 from coperception.fusion import warp
 from coperception.fusion.base import FUSIONS, FusionMeta, build_fusion
-from coperception.fusion.motion import MotionTracker, compensate, moving_objects
+from coperception.fusion.motion import (MotionTracker, compensate, least_squares_velocity, moving_objects,
+                                        robust_velocity)
 from coperception.fusion.trust import UncertaintyTrustFusion
 from coperception.fusion.warp import warp_to_ego
 from coperception.grid import BEVGrid
@@ -212,6 +213,26 @@ def test_tracker_fits_velocity_over_its_window_coasts_through_misses_and_uses_he
     far = MotionTracker(MotionSettings(max_speed_mps=20.0))
     far.update(np.array([[0.0, 0.0]]), 0.0)
     assert (far.update(np.array([[3.0, 0.0]]), 0.1) == 0).all() and far.seen[0] == 1
+
+
+def test_tracker_gate_keeps_a_track_off_a_neighbour_and_outliers_leave_its_velocity_fit():
+    # a parked car seen twice, then a detection of another car 3 m away where it should be
+    for gate, expected_seen in ((None, 3), (1.5, 1)):
+        tracker = MotionTracker(MotionSettings(gate_m=gate, heading_below=1))
+        tracker.update(np.array([[0.0, 0.0]]), 0.0)
+        tracker.update(np.array([[0.0, 0.0]]), 0.1)
+        v = tracker.update(np.array([[3.0, 0.0]]), 0.2)
+        assert tracker.seen[0] == expected_seen  # with the gate a new track at rest, not a 15 m/s jump
+        assert (v == 0).all() == (gate is not None)
+    # a track at 8 m/s whose history holds one position of another object: refitted without it
+    times = np.arange(6) * 0.1
+    history = np.column_stack([times, 8.0 * times, np.zeros(6)])[None].copy()
+    history[0, 1, 1:] = [-3.0, 2.5]
+    off = robust_velocity(history, None)
+    assert np.linalg.norm(off - [[8.0, 0.0]]) > 1.0
+    np.testing.assert_allclose(robust_velocity(history, 1.0), [[8.0, 0.0]], atol=1e-9)
+    clean = np.column_stack([times, 8.0 * times, np.zeros(6)])[None]
+    np.testing.assert_allclose(robust_velocity(clean, 1.0), least_squares_velocity(clean))
 
 
 def test_moving_objects_are_stated_in_the_message_frame():

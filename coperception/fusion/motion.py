@@ -52,7 +52,9 @@ class MotionTracker:
         velocity is the least-squares slope of its last `window` positions (one noisy detection weighs
         little). A track seen fewer than `heading_below` times keeps, given `headings` (M,) world yaw,
         only its velocity along the detected heading (vehicles do not slide sideways; a long track's
-        own direction is better than one detected yaw). An unmatched detection starts a track at rest."""
+        own direction is better than one detected yaw). An unmatched detection starts a track at rest.
+        With `gate_m` a track seen twice or more matches only within that distance of its prediction; with
+        `outlier_m` the velocity is fitted again without the positions off the track (`robust_velocity`)."""
         s = self.settings
         centres = np.asarray(centres, dtype=np.float64).reshape(-1, 2)
         history = np.full((len(centres), s.window, 3), np.nan)
@@ -66,12 +68,15 @@ class MotionTracker:
             cost = np.linalg.norm(centres[:, None] - predicted[None], axis=-1)
             cost[:, ~alive] = np.inf
             rows, cols = linear_sum_assignment(np.where(np.isfinite(cost), cost, 1e9))
-            ok = cost[rows, cols] <= s.max_speed_mps * gap[cols]
+            limit = s.max_speed_mps * gap[cols]
+            if s.gate_m is not None:
+                limit = np.where(self.seen[cols] >= 2, np.minimum(limit, s.gate_m), limit)
+            ok = cost[rows, cols] <= limit
             rows, cols = rows[ok], cols[ok]
             history[rows, :-1] = self.history[cols, 1:]
             seen[rows] = self.seen[cols] + 1
             matched[cols] = True
-        velocities = least_squares_velocity(history)
+        velocities = robust_velocity(history, s.outlier_m)
         if headings is not None:
             young = seen < s.heading_below
             axis = np.column_stack([np.cos(headings), np.sin(headings)]).reshape(-1, 2)[young]
@@ -101,6 +106,20 @@ def least_squares_velocity(history: np.ndarray) -> np.ndarray:
     var_t = (d[..., 0] ** 2).sum(axis=1)
     slope = (d[..., :1] * d[..., 1:]).sum(axis=1) / np.where(var_t > 0, var_t, 1.0)[:, None]
     return np.where(((n >= 2) & (var_t > 0))[:, None], slope, 0.0)
+
+
+def robust_velocity(history: np.ndarray, outlier_m: float | None) -> np.ndarray:
+    """`least_squares_velocity` of `history` (N, window, 3), then, with `outlier_m`, fitted again without the
+    positions further than `outlier_m` from the line through each track's newest position along its first
+    fit (the newest detection is what the track follows now; a position far off that line was another
+    object's)."""
+    velocities = least_squares_velocity(history)
+    if outlier_m is None:
+        return velocities
+    t, xy = history[..., 0], history[..., 1:]
+    on_line = xy[:, -1:] + velocities[:, None] * (t - t[:, -1:])[..., None]
+    off = np.linalg.norm(xy - on_line, axis=-1) > outlier_m  # NaN (not seen) compares False
+    return least_squares_velocity(np.where(off[..., None], np.nan, history))
 
 
 def moving_objects(boxes_frame: np.ndarray, velocities_world: np.ndarray, T_world_from_frame: np.ndarray,
