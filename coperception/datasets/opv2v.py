@@ -165,31 +165,37 @@ class OPV2VDataset:
         agents = [self._observation(scenario, c, frame_name, metas[c]) for c in kept]
         T_ego_from_world = invert(agents[0].T_world_from_agent)
         self._crop(agents, T_ego_from_world)
-        per_agent = []
-        for c in kept:
-            boxes, ids = vehicles_in_frame(metas[c], T_ego_from_world)
-            per_agent.append((boxes, ids, ["vehicle"] * len(ids)))
         exclude = {int(kept[0])} if not kept[0].startswith("-") else set()
         gt_range = self.cfg.gt_range(self.cfg.point_cloud_range)
-        gt_boxes, gt_ids, gt_classes = merge_ground_truth(per_agent, exclude, gt_range)
+
+        def truth(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+            """The vehicles the kept agents present at frame `name` list, in the ego frame, merged."""
+            per_agent = []
+            for c in kept:
+                if name in cavs[c]:
+                    boxes, ids = vehicles_in_frame(self._meta(scenario, c, name), T_ego_from_world)
+                    per_agent.append((boxes, ids, ["vehicle"] * len(ids)))
+            return merge_ground_truth(per_agent, exclude, gt_range)
+
+        def earlier_name(k: int) -> str | None:
+            return self._frames(scenario)[frame_idx - k] if frame_idx - k >= 0 else None
+
+        gt_boxes, gt_ids, gt_classes = truth(frame_name)
 
         def earlier(k: int) -> list[AgentObservation | None]:
-            frames = self._frames(scenario)
-            if frame_idx - k < 0:
+            name = earlier_name(k)
+            if name is None:
                 return [None] * len(kept)
-            name = frames[frame_idx - k]
             old = [self._observation(scenario, c, name, self._meta(scenario, c, name)) if name in cavs[c] else None
                    for c in kept]
             self._crop([a for a in old if a is not None], T_ego_from_world)
             return old
 
         def earlier_truth(k: int) -> tuple[np.ndarray, np.ndarray]:
-            frames = self._frames(scenario)
-            if frame_idx - k < 0:
+            name = earlier_name(k)
+            if name is None:
                 return np.zeros((0, 7)), np.zeros(0, dtype=np.int64)
-            name = frames[frame_idx - k]
-            per = [vehicles_in_frame(self._meta(scenario, c, name), T_ego_from_world) for c in kept if name in cavs[c]]
-            boxes, ids, _ = merge_ground_truth([(b, i, ["vehicle"] * len(i)) for b, i in per], exclude, gt_range)
+            boxes, ids, _ = truth(name)
             return boxes, ids
 
         return CooperativeSample("opv2v", scenario, frame_name, agents, gt_boxes, gt_ids, gt_classes, earlier,
