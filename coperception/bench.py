@@ -108,8 +108,11 @@ class EvaluationStore:
     @staticmethod
     def key(checkpoint: Path, cfg: ExperimentConfig) -> str:
         stat = checkpoint.stat()
+        config = cfg.model_dump(mode="json")
+        if not cfg.fusion.motion.enabled:  # its tracker settings then change nothing: a new default keeps the entry
+            config["fusion"]["motion"] = {"enabled": False}
         ident = {"checkpoint": str(checkpoint.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                 "config": cfg.model_dump(mode="json")}
+                 "config": config}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     def entry(self, checkpoint: Path, cfg: ExperimentConfig, evaluate: Callable[[], dict[str, Any]],
@@ -357,10 +360,9 @@ def fusion_ms(model: Any, cfg: ExperimentConfig, agents: int = 4, runs: int = 20
     if model.uncertainty is not None:
         out["sender_uncertainty"] = median_ms(lambda: model.sent_uncertainty(one))
     if cfg.fusion.motion.enabled:
-        from coperception.config import MotionSettings
         from coperception.fusion.motion import MotionTracker
 
-        tracker = MotionTracker(MotionSettings())
+        tracker = MotionTracker(cfg.fusion.motion)
         clock = iter(np.arange(10_000) * 0.1)
         out["sender_motion"] = median_ms(lambda: tracker.update(
             model.boxes(one, cfg.eval.score_threshold, cfg.eval.nms_threshold)[0][:, :2], float(next(clock))))

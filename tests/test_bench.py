@@ -120,8 +120,17 @@ def test_an_evaluation_is_stored_and_made_again_only_for_another_model_or_config
     first["params"]["condition"] = "changed"  # a caller's copy: the store keeps its own
     assert again.entry(checkpoint, cfg, evaluate(0.9), print, "x")["params"] == {}
     assert again.entry(checkpoint, cfg.variant(channel={"latency_ms": 100.0}), evaluate(0.3), print, "x")["ap"]["0.5"] == 0.3
+    # the tracker settings of motion compensation matter only while it is on
+    def motion(**update: object) -> ExperimentConfig:
+        return cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={
+            "motion": cfg.fusion.motion.model_copy(update=update)})})
+
+    assert again.entry(checkpoint, motion(gate_m=None), evaluate(0.9), print, "x")["ap"]["0.5"] == 0.5
+    assert again.entry(checkpoint, motion(enabled=True), evaluate(0.4), print, "x")["ap"]["0.5"] == 0.4
+    assert again.entry(checkpoint, motion(enabled=True, gate_m=None), evaluate(0.6), print, "x")["ap"]["0.5"] == 0.6
+    calls.clear()
     checkpoint.write_bytes(b"retrained weights")  # a new model under the same path
-    assert again.entry(checkpoint, cfg, evaluate(0.7), print, "x")["ap"]["0.5"] == 0.7 and len(calls) == 3
+    assert again.entry(checkpoint, cfg, evaluate(0.7), print, "x")["ap"]["0.5"] == 0.7 and calls == ["run"]
     path.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="not a bench evaluation store"):
         EvaluationStore(path)
