@@ -462,8 +462,8 @@ class TrainConfig(Strict):
     # the model section must match, the fusion method may differ
     init_from: str | None = None
     # codebook methods: keep every detector weight (and BatchNorm statistic) of `init_from` and only
-    # fit the codebook (its EMA updates need no gradients); anchor-centric: only train the anchor coder
-    # and refinement
+    # fit the codebook (its EMA updates need no gradients) and a feature fusion's own weights, so the senders
+    # select the same cells (equal bytes); anchor-centric: only train the anchor coder and refinement
     freeze_detector: bool = False
     # intermediate cooperation: drop each sender's whole message with this probability in training, so
     # the model keeps detecting well alone when messages are lost

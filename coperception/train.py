@@ -137,9 +137,11 @@ class Trainer:
             self.log(f"weights from {cfg.train.init_from}" + (f"; starting fresh: {', '.join(fresh)}" if fresh else ""))
         self.freeze = cfg.train.freeze_detector
         if self.freeze:
-            prefix, self.trainable = model.trainable_when_frozen()
+            parts = model.trainable_when_frozen()
+            prefixes = tuple(prefix for prefix, _ in parts)
+            self.trainable = [module for _, module in parts]
             for name, param in model.named_parameters():  # (a weight its module leaves unused stays so)
-                param.requires_grad_(name.startswith(prefix) and param.requires_grad)
+                param.requires_grad_(name.startswith(prefixes) and param.requires_grad)
         model.to(self.device)
         self.train_set = self.open_split(cfg.dataset.train_split)
         self.val_set = self.open_split(cfg.dataset.val_split) if cfg.train.validate_each_epoch and self.ddp.main else None
@@ -285,7 +287,8 @@ class Trainer:
         model.train()
         if self.freeze:  # keep the detector's BatchNorm statistics too; only what trains is in training mode
             model.eval()
-            self.trainable.train()
+            for module in self.trainable:
+                module.train()
 
     def run(self) -> dict[str, Any]:
         cfg, s = self.cfg, self.state

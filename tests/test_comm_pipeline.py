@@ -121,6 +121,17 @@ def test_freeze_detector_fits_only_the_codebook(codebook_run, opv2v_set, tmp_pat
             continue
         assert torch.equal(value, after[key]), key  # weights and BatchNorm statistics untouched
     assert not torch.equal(before["agent.codec.quantizer.codebook"], after["agent.codec.quantizer.codebook"])
+    # a fusion with weights trains them too (from the max model: attention starts fresh), the senders' side stays
+    attention = comm_config(opv2v_set, tmp_path / "attention", "comm.codec=codebook", "train.max_steps=3",
+                            f"train.init_from={out / 'last.pt'}", "train.freeze_detector=true",
+                            "fusion.method=attention", "train.lr=0.01")
+    train(attention, progress=False)
+    tuned = load_checkpoint(tmp_path / "attention" / "last.pt")["model"]
+    for key, value in before.items():
+        if not key.startswith("agent.codec."):
+            assert torch.equal(value, tuned[key]), key
+    fusion = {k: v for k, v in tuned.items() if k.startswith("ego.fusion.")}
+    assert fusion and fusion["ego.fusion.out.weight"].abs().sum() > 0  # zero-initialised: it trained
     with pytest.raises(Exception, match="freeze_detector"):
         train(comm_config(opv2v_set, tmp_path / "bad", "comm.codec=dense", "train.freeze_detector=true"), progress=False)
 

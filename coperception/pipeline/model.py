@@ -122,15 +122,22 @@ class CooperativeModel(nn.Module):
             out.aux_loss = encoder_loss if out.aux_loss is None else out.aux_loss + encoder_loss
         return out
 
-    def trainable_when_frozen(self) -> tuple[str, nn.Module]:
-        """With `train.freeze_detector`: the prefix of the weights that still train and their module (the
-        codebook of codebook messages, or the anchor-centric coder and refinement)."""
+    def trainable_when_frozen(self) -> list[tuple[str, nn.Module]]:
+        """With `train.freeze_detector`: the weights that still train, as (prefix, module) pairs: the codebook
+        of codebook messages and a feature fusion's own weights (attention, trust network), or the
+        anchor-centric coder and refinement. Everything the senders compute before coding (encoder, head,
+        selection, uncertainty head) stays as it was, so their messages select the same cells."""
         if self.anchor_fusion is not None:
-            return "anchor_fusion.", self.anchor_fusion
+            return [("anchor_fusion.", self.anchor_fusion)]
+        parts: list[tuple[str, nn.Module]] = []
         if self.agent is not None and hasattr(self.agent.codec, "quantizer"):
-            return "agent.codec.", self.agent.codec
-        raise ConfigError("train.freeze_detector: only a codebook codec or anchor-centric cooperation has anything "
-                          "left to train")
+            parts.append(("agent.codec.", self.agent.codec))
+        if self.ego is not None and any(True for _ in self.ego.fusion.parameters()):
+            parts.append(("ego.fusion.", self.ego.fusion))
+        if not parts:
+            raise ConfigError("train.freeze_detector: only a codebook codec, a fusion with weights or anchor-centric "
+                              "cooperation has anything left to train")
+        return parts
 
 
 def validate_config(cfg: ExperimentConfig) -> None:
