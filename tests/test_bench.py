@@ -125,9 +125,9 @@ def test_an_evaluation_is_stored_and_made_again_only_for_another_model_or_config
         return cfg.model_copy(update={"fusion": cfg.fusion.model_copy(update={
             "motion": cfg.fusion.motion.model_copy(update=update)})})
 
-    assert again.entry(checkpoint, motion(gate_m=None), evaluate(0.9), print, "x")["ap"]["0.5"] == 0.5
+    assert again.entry(checkpoint, motion(gate_m=1.5), evaluate(0.9), print, "x")["ap"]["0.5"] == 0.5
     assert again.entry(checkpoint, motion(enabled=True), evaluate(0.4), print, "x")["ap"]["0.5"] == 0.4
-    assert again.entry(checkpoint, motion(enabled=True, gate_m=None), evaluate(0.6), print, "x")["ap"]["0.5"] == 0.6
+    assert again.entry(checkpoint, motion(enabled=True, gate_m=1.5), evaluate(0.6), print, "x")["ap"]["0.5"] == 0.6
     calls.clear()
     checkpoint.write_bytes(b"retrained weights")  # a new model under the same path
     assert again.entry(checkpoint, cfg, evaluate(0.7), print, "x")["ap"]["0.5"] == 0.7 and calls == ["run"]

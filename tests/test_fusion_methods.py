@@ -196,9 +196,7 @@ def test_tracker_fits_velocity_over_its_window_coasts_through_misses_and_uses_he
     truth = np.array([[10.0, 0.0], [0.0, 0.0]])  # a car at 10 m/s along x, a parked one
     start = np.array([[0.0, 0.0], [30.0, 10.0]])
     noise = 0.3  # metres: one frame's difference alone would be off by ~4 m/s
-    # the fit alone: the default matching gate (1.5 m, chosen on the synthetic world's detections) now and
-    # then gives up a young track whose two-point velocity is this noisy (the next test pins the gate)
-    tracker = MotionTracker(MotionSettings(window=10, heading_below=1, gate_m=None, outlier_m=None))
+    tracker = MotionTracker(MotionSettings(window=10, heading_below=1))
     for k in range(12):
         if k == 6:  # the detector misses the moving car once: its track coasts, not restarts
             tracker.update(start[1:] + rng.normal(0, noise, (1, 2)), 0.1 * k)
