@@ -107,7 +107,7 @@ def test_signed_messages_verify_with_the_agents_keys(codebook_run, opv2v_set, tm
     assert a["bytes_per_agent_frame"] > b["bytes_per_agent_frame"]  # + a 32-byte HMAC per packet
 
 
-def test_freeze_detector_fits_only_the_codebook(codebook_run, opv2v_set, tmp_path):
+def test_freeze_detector_fits_only_the_codebook_and_the_fusions_own_weights(codebook_run, opv2v_set, tmp_path):
     cfg, out, _ = codebook_run
     frozen = comm_config(opv2v_set, tmp_path / "frozen", "comm.codec=codebook", "train.max_steps=3",
                          f"train.init_from={out / 'last.pt'}", "train.freeze_detector=true")
