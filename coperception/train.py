@@ -32,8 +32,8 @@ from coperception.io import read_json, write_json, write_yaml
 from coperception.models.losses import LossWeights, detection_loss
 from coperception.fusion.anchor_centric import anchor_loss
 from coperception.models.uncertainty import uncertainty_loss
-from coperception.pipeline.model import (CooperativeModel, architecture, build_model, fit_codebook, init_weights,
-                                         method_label, saved_architecture)
+from coperception.pipeline.model import (FUSION_PREFIX, CooperativeModel, architecture, build_model, fit_codebook,
+                                         init_weights, method_label, saved_architecture)
 from coperception.pipeline.strategies import TrainOutput
 from coperception.types import TargetBatch
 
@@ -85,9 +85,6 @@ def training_losses(out: TrainOutput, targets: TargetBatch, weights: LossWeights
         losses["total"] = losses["total"] + terms["anchor_total"]
         losses.update({k: v.detach() for k, v in terms.items()})
     return losses
-
-
-FUSION_PREFIX = "ego.fusion."  # the weights `train.fusion_lr_scale` applies to
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, fusion_lr_scale: float) -> list[dict[str, Any]]:

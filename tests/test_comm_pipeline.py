@@ -116,10 +116,13 @@ def test_freeze_detector_fits_only_the_codebook_and_the_fusions_own_weights(code
 
     before = load_checkpoint(out / "last.pt")["model"]
     after = load_checkpoint(tmp_path / "frozen" / "last.pt")["model"]
-    for key, value in before.items():
-        if key.startswith("agent.codec."):
-            continue
-        assert torch.equal(value, after[key]), key  # weights and BatchNorm statistics untouched
+
+    def untouched_but_the_codec(tuned: dict) -> None:
+        for key, value in before.items():
+            if not key.startswith("agent.codec."):
+                assert torch.equal(value, tuned[key]), key  # weights and BatchNorm statistics untouched
+
+    untouched_but_the_codec(after)
     assert not torch.equal(before["agent.codec.quantizer.codebook"], after["agent.codec.quantizer.codebook"])
     # a fusion with weights trains them too (from the max model: attention starts fresh), the senders' side stays
     attention = comm_config(opv2v_set, tmp_path / "attention", "comm.codec=codebook", "train.max_steps=3",
@@ -127,9 +130,7 @@ def test_freeze_detector_fits_only_the_codebook_and_the_fusions_own_weights(code
                             "fusion.method=attention", "train.lr=0.01")
     train(attention, progress=False)
     tuned = load_checkpoint(tmp_path / "attention" / "last.pt")["model"]
-    for key, value in before.items():
-        if not key.startswith("agent.codec."):
-            assert torch.equal(value, tuned[key]), key
+    untouched_but_the_codec(tuned)
     fusion = {k: v for k, v in tuned.items() if k.startswith("ego.fusion.")}
     assert fusion and fusion["ego.fusion.out.weight"].abs().sum() > 0  # zero-initialised: it trained
     with pytest.raises(Exception, match="freeze_detector"):

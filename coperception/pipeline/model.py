@@ -33,6 +33,9 @@ from coperception.pipeline.strategies import STRATEGIES, Strategy, TrainOutput
 from coperception.types import AgentBatch, AnchorTargets
 
 
+FUSION_PREFIX = "ego.fusion."  # the names of the feature fusion's own weights in the model's state
+
+
 class CooperativeModel(nn.Module):
     """Everything a config's cooperation runs: `encoders`, the shared `head`, and for intermediate
     cooperation `agent` (selection + codec) and `ego` (warp + fusion). `forward` is the training pass
@@ -133,7 +136,7 @@ class CooperativeModel(nn.Module):
         if self.agent is not None and hasattr(self.agent.codec, "quantizer"):
             parts.append(("agent.codec.", self.agent.codec))
         if self.ego is not None and any(True for _ in self.ego.fusion.parameters()):
-            parts.append(("ego.fusion.", self.ego.fusion))
+            parts.append((FUSION_PREFIX, self.ego.fusion))
         if not parts:
             raise ConfigError("train.freeze_detector: only a codebook codec, a fusion with weights or anchor-centric "
                               "cooperation has anything left to train")
